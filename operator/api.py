@@ -1,0 +1,296 @@
+"""The LargeModel API (group serving.largemodel.io, version v1alpha1) as pydantic models.
+
+These models are the single source of truth: the CRD in crds/ is generated from them
+(`largemodel crd`), the CLI validates files with them, and the operator parses every
+resource it reads through them. CEL rules that need no model knowledge ride along in
+`x-kubernetes-validations` via json_schema_extra.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+GROUP = "serving.largemodel.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "LargeModel"
+PLURAL = "largemodels"
+SINGULAR = "largemodel"
+SHORT_NAMES = ["lm"]
+
+Auto = Literal["auto"]
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def _cel(*rules: tuple[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in rules]}
+
+
+class _Spec(BaseModel):
+    """Base for spec parts: camelCase on the wire, unknown fields rejected (as the API server prunes)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+
+class Architecture(_Spec):
+    """The shapes the planner needs; `largemodel inspect config.json` prints this block."""
+
+    num_attention_heads: int = Field(alias="numAttentionHeads", ge=1)
+    num_key_value_heads: int = Field(alias="numKeyValueHeads", ge=1)
+    num_hidden_layers: int = Field(alias="numHiddenLayers", ge=1)
+    hidden_size: int = Field(alias="hiddenSize", ge=1)
+    intermediate_size: int = Field(alias="intermediateSize", ge=1)
+    vocab_size: int = Field(alias="vocabSize", ge=1)
+    parameters: float = Field(ge=1, description="Total parameter count (tied embeddings counted once).")
+    head_dim: int | None = Field(default=None, alias="headDim", ge=1)
+    tie_word_embeddings: bool = Field(default=False, alias="tieWordEmbeddings")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra=_cel(
+            (
+                "self.numAttentionHeads % self.numKeyValueHeads == 0",
+                "numAttentionHeads must be a multiple of numKeyValueHeads",
+            ),
+        ),
+    )
+
+    @property
+    def kv_head_dim(self) -> int:
+        """Dimension of one attention head."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+
+class ModelSource(_Spec):
+    """Where the weights live and in which dtype the engine runs them."""
+
+    uri: str = Field(
+        min_length=1,
+        description="pvc://CLAIM/path, file:///path, hf://org/name (from a cache or PVC).",
+        json_schema_extra=_cel(
+            (
+                "self.startsWith('pvc://') || self.startsWith('file://') || self.startsWith('hf://') "
+                "|| self.startsWith('s3://')",
+                "model.uri must start with pvc://, file://, hf:// or s3://",
+            )
+        ),
+    )
+    dtype: Dtype = "bfloat16"
+    architecture: Architecture | None = None
+
+
+class Parallelism(_Spec):
+    """Tensor and pipeline sizes, or `auto` to let the planner choose."""
+
+    tensor: int | Auto = Field(default="auto", description="TP size (GPUs per pod) or auto.")
+    pipeline: int | Auto = Field(default="auto", description="PP size (pods per group) or auto.")
+    micro_batches: int = Field(default=4, alias="microBatches", description="Micro-batches in flight.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra=_cel(
+            ("self.microBatches >= 1", "parallelism.microBatches must be >= 1"),
+            (
+                "type(self.tensor) == string ? self.tensor == 'auto' : self.tensor >= 1",
+                "parallelism.tensor must be an integer >= 1 or 'auto'",
+            ),
+            (
+                "type(self.pipeline) == string ? self.pipeline == 'auto' : self.pipeline >= 1",
+                "parallelism.pipeline must be an integer >= 1 or 'auto'",
+            ),
+        ),
+    )
+
+
+class Gpu(_Spec):
+    """The GPU shape of the nodes the model runs on."""
+
+    resource: str = Field(default="nvidia.com/gpu", min_length=1)
+    per_node: int = Field(default=8, alias="perNode", ge=1, le=64)
+    memory_gib: float = Field(default=80, alias="memoryGiB", gt=0)
+
+
+class Serving(_Spec):
+    """Ports and admission limits of the serving rank."""
+
+    http_port: int = Field(default=8000, alias="httpPort", ge=1, le=65535)
+    grpc_port: int = Field(default=9000, alias="grpcPort", ge=1, le=65535)
+    metrics_port: int = Field(default=9100, alias="metricsPort", ge=1, le=65535)
+    max_batch_size: int = Field(default=64, alias="maxBatchSize", ge=1)
+    max_queue: int = Field(default=256, alias="maxQueue", ge=0)
+    max_model_len: int = Field(default=8192, alias="maxModelLen", ge=1)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra=_cel(
+            ("self.httpPort != self.grpcPort", "serving.httpPort and serving.grpcPort must differ"),
+            (
+                "self.metricsPort != self.httpPort && self.metricsPort != self.grpcPort",
+                "serving.metricsPort must differ from httpPort and grpcPort",
+            ),
+        ),
+    )
+
+
+class Toleration(_Spec):
+    """A pod toleration, as in core/v1."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(default=None, alias="tolerationSeconds")
+
+
+class Placement(_Spec):
+    """Where rank pods may go; stages of a group prefer one packTopologyKey domain."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
+    tolerations: list[Toleration] = Field(default_factory=list)
+    pack_topology_key: str = Field(default="topology.kubernetes.io/zone", alias="packTopologyKey")
+
+
+class Restart(_Spec):
+    """Budget for recreating a broken rank group."""
+
+    max_group_restarts: int = Field(default=5, alias="maxGroupRestarts", ge=0)
+    window_seconds: int = Field(default=3600, alias="windowSeconds", ge=1)
+    backoff_seconds: int = Field(default=10, alias="backoffSeconds", ge=0)
+
+
+class Rollout(_Spec):
+    """How many groups may be down at once during a template change."""
+
+    max_unavailable_groups: int = Field(default=1, alias="maxUnavailableGroups", ge=1)
+
+
+class LargeModelSpec(_Spec):
+    """What the user asks for."""
+
+    model: ModelSource
+    parallelism: Parallelism = Field(default_factory=Parallelism)
+    replicas: int = Field(default=1, ge=0, description="Model replicas = rank groups (data parallel).")
+    gpu: Gpu = Field(default_factory=Gpu)
+    engine: Literal["native", "deepspeed"] = "native"
+    image: str = Field(default="largemodel-runtime:0.1.0", min_length=1)
+    serving: Serving = Field(default_factory=Serving)
+    placement: Placement = Field(default_factory=Placement)
+    restart: Restart = Field(default_factory=Restart)
+    rollout: Rollout = Field(default_factory=Rollout)
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra=_cel(
+            (
+                "!has(self.parallelism) || !has(self.gpu) || type(self.parallelism.tensor) == string "
+                "|| self.parallelism.tensor <= self.gpu.perNode",
+                "parallelism.tensor must be <= gpu.perNode: tensor parallelism never crosses a node",
+            ),
+        ),
+    )
+
+
+class Condition(BaseModel):
+    """A status condition as Kubernetes conventions define it."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str | None = Field(default=None, alias="lastTransitionTime")
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+
+
+class RejectedLayout(BaseModel):
+    """A layout the planner considered and why it was rejected."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    tensor: int
+    pipeline: int
+    why: str
+
+
+class PlanStatus(BaseModel):
+    """The chosen layout as written in status.plan."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    tensor: int
+    pipeline: int
+    gpus_per_group: int = Field(alias="gpusPerGroup")
+    layers_per_stage: list[int] = Field(alias="layersPerStage")
+    weight_gib_per_gpu: float = Field(alias="weightGiBPerGPU")
+    kv_cache_gib_per_gpu: float = Field(default=0.0, alias="kvCacheGiBPerGPU")
+    bubble: float
+    warnings: list[str] = Field(default_factory=list)
+    rejected: list[RejectedLayout] = Field(default_factory=list)
+
+
+class GroupStatus(BaseModel):
+    """One rank group as status.groups reports it."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    index: int
+    ready: bool = False
+    restarts: int = 0
+    revision: str = ""
+    state: str = ""
+
+
+class LargeModelStatus(BaseModel):
+    """What the operator observed, written once per reconcile pass."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    phase: Literal["Pending", "Deploying", "Ready", "Degraded", "Failed"] | None = None
+    observed_generation: int | None = Field(default=None, alias="observedGeneration")
+    conditions: list[Condition] = Field(default_factory=list)
+    plan: PlanStatus | None = None
+    replicas: int = 0
+    ready_replicas: int = Field(default=0, alias="readyReplicas")
+    selector: str = ""
+    groups: list[GroupStatus] = Field(default_factory=list)
+    endpoint: str = ""
+    revision: str = ""
+
+
+class ObjectMeta(BaseModel):
+    """The metadata fields the operator reads."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class LargeModel(BaseModel):
+    """A whole LargeModel resource."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    api_version: Literal["serving.largemodel.io/v1alpha1"] = Field(default=API_VERSION, alias="apiVersion")
+    kind: Literal["LargeModel"] = KIND
+    metadata: ObjectMeta
+    spec: LargeModelSpec
+    status: LargeModelStatus | None = None
+
+    @classmethod
+    def from_manifest(cls, body: dict[str, Any]) -> LargeModel:
+        """Parse a resource as read from a file or the API server."""
+        return cls.model_validate(body)

