@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mode="${1:-runtime}"
 PY="${PYTHON:-python3}"
+# The repository has a top-level operator/ folder, which shadows the standard library's `operator`
+# for any `python -m`/`-c` started here: PYTHONSAFEPATH keeps the working directory off sys.path.
+export PYTHONSAFEPATH=1
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 echo "[setup] torch==2.13.0 (CPU)"
