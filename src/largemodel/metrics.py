@@ -1,4 +1,10 @@
-"""Every Prometheus metric largemodel exports, declared once (DESIGN section 5)."""
+"""Every Prometheus metric largemodel exports, declared once (DESIGN section 5).
+
+docs/OBSERVABILITY.md is the reference (type, labels, meaning). Gauges name a
+`multiprocess_mode` because a pod's local ranks write one prometheus_client multiprocess
+directory and its /metrics merges them: without a mode every gauge would grow a `pid` label.
+The label values the dashboards and alert rules select on are declared here too.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +20,25 @@ _COLLECTIVE_BUCKETS = (
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
 )
 
+# `status` of requests_total. The alert rules and dashboards select on these values.
+STATUS_OK = "ok"  # finished normally (stop token, stop string or max_tokens)
+STATUS_REJECTED = "rejected"  # refused because the queue was full (HTTP 429 / RESOURCE_EXHAUSTED)
+STATUS_INVALID = "invalid"  # refused as bad input (HTTP 4xx other than 429)
+STATUS_CANCELLED = "cancelled"  # the client went away or the server drained it on shutdown
+STATUS_ERROR = "error"  # failed inside the server (HTTP 5xx)
+REQUEST_STATUSES = (STATUS_OK, STATUS_REJECTED, STATUS_INVALID, STATUS_CANCELLED, STATUS_ERROR)
+
+# `state` of operator_groups, one gauge sample per state (0 when no group is in it).
+GROUP_READY = "ready"  # every pod of the group Ready
+GROUP_PROGRESSING = "progressing"  # being created or rolled out, not Ready yet
+GROUP_RESTARTING = "restarting"  # recreated after a failure, or waiting out its backoff
+GROUP_FAILED = "failed"  # restart budget exhausted: left down, LargeModel Degraded
+GROUP_STATES = (GROUP_READY, GROUP_PROGRESSING, GROUP_RESTARTING, GROUP_FAILED)
+
+# `op` and `group` of the collective metrics.
+COLLECTIVE_OPS = ("all_reduce", "all_gather", "send", "recv", "broadcast")
+COLLECTIVE_GROUPS = ("tp", "pp")
+
 REQUESTS = Counter(PREFIX + "requests_total", "Finished requests by outcome.", ["status"])
 REQUEST_DURATION = Histogram(
     PREFIX + "request_duration_seconds", "Request time from admission to last token.", buckets=_LATENCY_BUCKETS
@@ -28,9 +53,15 @@ INTER_TOKEN = Histogram(
 )
 PROMPT_TOKENS = Counter(PREFIX + "prompt_tokens_total", "Prompt tokens admitted.")
 GENERATION_TOKENS = Counter(PREFIX + "generation_tokens_total", "Tokens generated.")
-REQUESTS_RUNNING = Gauge(PREFIX + "requests_running", "Requests in the running batch.")
-REQUESTS_WAITING = Gauge(PREFIX + "requests_waiting", "Requests queued for a batch slot.")
-KV_CACHE_USAGE = Gauge(PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache positions in use.")
+REQUESTS_RUNNING = Gauge(
+    PREFIX + "requests_running", "Requests in the running batch.", multiprocess_mode="livesum"
+)
+REQUESTS_WAITING = Gauge(
+    PREFIX + "requests_waiting", "Requests queued for a batch slot.", multiprocess_mode="livesum"
+)
+KV_CACHE_USAGE = Gauge(
+    PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache positions in use.", multiprocess_mode="livemax"
+)
 
 COLLECTIVE_SECONDS = Histogram(
     PREFIX + "collective_seconds", "Latency of sampled collectives.", ["op", "group", "backend"],
@@ -42,15 +73,22 @@ COLLECTIVE_BYTES = Counter(
 COLLECTIVE_CALLS = Counter(
     PREFIX + "collective_calls_total", "Collectives issued (every call).", ["op", "group", "backend"]
 )
-PIPELINE_BUBBLE = Gauge(PREFIX + "pipeline_bubble_ratio", "Measured idle fraction of this stage per step.")
+# The TP ranks of a stage idle alike; the pod reports its most idle rank.
+PIPELINE_BUBBLE = Gauge(
+    PREFIX + "pipeline_bubble_ratio", "Measured idle fraction of this stage per step.", multiprocess_mode="livemax"
+)
 STAGE_STEP_SECONDS = Histogram(
     PREFIX + "stage_step_seconds", "Time one stage spends on one engine step.", ["stage", "phase"],
     buckets=_TOKEN_LATENCY_BUCKETS,
 )
-MODEL_LOAD_SECONDS = Gauge(PREFIX + "model_load_seconds", "Time this rank took to load its shard.")
+# The pod is ready when its slowest rank is: report the slowest.
+MODEL_LOAD_SECONDS = Gauge(
+    PREFIX + "model_load_seconds", "Time this rank took to load its shard.", multiprocess_mode="max"
+)
 RANK_INFO = Gauge(
     PREFIX + "rank_info", "Constant 1 per rank, labels describe its place in the group.",
     ["rank", "tp_rank", "pp_rank", "tp", "pp", "group", "backend", "engine"],
+    multiprocess_mode="livemax",
 )
 
 OPERATOR_RECONCILE_SECONDS = Histogram(
@@ -60,3 +98,9 @@ OPERATOR_GROUP_RESTARTS = Counter(
     PREFIX + "operator_group_restarts_total", "Rank groups recreated after a failure.", ["namespace", "name"]
 )
 OPERATOR_GROUPS = Gauge(PREFIX + "operator_groups", "Rank groups by state.", ["state"])
+
+# Appended by observability (issue 7): what the queue-saturation alert divides by.
+QUEUE_CAPACITY = Gauge(
+    PREFIX + "queue_capacity", "Requests that may wait before new ones get 429 (serving.maxQueue).",
+    multiprocess_mode="livemax",
+)
