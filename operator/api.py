@@ -8,19 +8,22 @@ resource it reads through them. CEL rules that need no model knowledge ride alon
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 GROUP = "serving.largemodel.io"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "LargeModel"
+API_VERSION: Final = "serving.largemodel.io/v1alpha1"
+KIND: Final = "LargeModel"
 PLURAL = "largemodels"
 SINGULAR = "largemodel"
 SHORT_NAMES = ["lm"]
+NAME_MAX_LENGTH = 40
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 Auto = Literal["auto"]
+PositiveInt = Annotated[int, Field(ge=1)]
 Dtype = Literal["float32", "float16", "bfloat16"]
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -87,9 +90,9 @@ class ModelSource(_Spec):
 class Parallelism(_Spec):
     """Tensor and pipeline sizes, or `auto` to let the planner choose."""
 
-    tensor: int | Auto = Field(default="auto", description="TP size (GPUs per pod) or auto.")
-    pipeline: int | Auto = Field(default="auto", description="PP size (pods per group) or auto.")
-    micro_batches: int = Field(default=4, alias="microBatches", description="Micro-batches in flight.")
+    tensor: PositiveInt | Auto = Field(default="auto", description="TP size (GPUs per pod) or auto.")
+    pipeline: PositiveInt | Auto = Field(default="auto", description="PP size (pods per group) or auto.")
+    micro_batches: int = Field(default=4, alias="microBatches", ge=1, description="Micro-batches in flight.")
 
     model_config = ConfigDict(
         extra="forbid",
@@ -271,7 +274,9 @@ class ObjectMeta(BaseModel):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
-    name: str = Field(min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    # The name is also the client Service's name, so it must be a DNS-1035 label; 40 characters
+    # leave room for the suffixes children add (-ranks, -g<i>-<ordinal>, revision hashes).
+    name: str = Field(min_length=1, max_length=NAME_MAX_LENGTH, pattern=NAME_PATTERN)
     namespace: str = "default"
     uid: str = ""
     generation: int = 0
