@@ -1,0 +1,62 @@
+# syntax=docker/dockerfile:1
+# largemodel images, one Dockerfile, two targets (no compilers or build tools in either):
+#   docker build --target operator -t largemodel-operator:0.1.0 .  # the kopf operator: no torch, ~200 MB
+#   docker build --target runtime  -t largemodel-runtime:0.1.0 .   # rank pods: CUDA PyTorch + runtime extra
+# Base images are pinned by tag and by the digest of their multi-arch index.
+
+# ---- wheel: builds the pure-Python wheel (gRPC stubs generated here); never shipped ----
+FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1 AS wheel
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+RUN pip install grpcio-tools==1.85.1 setuptools==84.2.1 wheel==0.48.0
+COPY pyproject.toml README.md ./
+COPY src/ src/
+COPY operator/ operator/
+COPY runtime/ runtime/
+# Stubs are generated, never committed: they must match the grpcio the image installs.
+RUN if ls runtime/*.proto >/dev/null 2>&1; then \
+      python -m grpc_tools.protoc -Iruntime --python_out=runtime --grpc_python_out=runtime runtime/*.proto; \
+    fi \
+ && pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
+
+# ---- operator: only the operator's dependencies (kopf, pydantic, PyYAML, prometheus-client) ----
+FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1 AS operator
+ARG LARGEMODEL_VERSION=0.1.0
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/tmp
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install "largemodel @ file:///wheels/largemodel-${LARGEMODEL_VERSION}-py3-none-any.whl" \
+ && useradd --uid 10001 --user-group --home-dir /tmp --no-create-home --shell /usr/sbin/nologin largemodel
+USER 10001:10001
+# health (/healthz) and metrics (/metrics); the chart passes the same ports.
+EXPOSE 8080 9090
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
+  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
+ENTRYPOINT ["largemodel"]
+CMD ["operator", "--all-namespaces"]
+
+# ---- runtime: one pod per pipeline stage, one process per GPU (`largemodel rank`) ----
+FROM pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime@sha256:417bd75df6365104c283ea4c1651fb3530d9eb5a4c2fafa51943cff2a94e6385 AS runtime
+ARG LARGEMODEL_VERSION=0.1.0
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    HOME=/tmp \
+    METRICS_PORT=9100
+# The base's CUDA torch satisfies the runtime extra (torch>=2.4,<2.15), so pip keeps it.
+RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
+    pip install "largemodel[runtime] @ file:///wheels/largemodel-${LARGEMODEL_VERSION}-py3-none-any.whl" \
+ && (getent passwd 1000 >/dev/null || useradd --uid 1000 --user-group --home-dir /tmp --no-create-home --shell /usr/sbin/nologin largemodel)
+# The operator's rank pods run as 1000 with /tmp and /dev/shm as their only writable paths.
+USER 1000:1000
+EXPOSE 8000 9000 9100 29500
+# Every rank pod's local rank 0 answers /healthz on the metrics port.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('METRICS_PORT', '9100'), timeout=4)"]
+ENTRYPOINT ["largemodel"]
+CMD ["rank"]
