@@ -18,7 +18,17 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chartrender import CHART_DIR, CONFIGS, NAMESPACE, RELEASE, WATCHED, by_kind, copy_chart, render, render_objects
+from chartrender import (
+    CHART_DIR,
+    CONFIGS,
+    NAMESPACE,
+    RELEASE,
+    WATCHED,
+    by_kind,
+    copy_chart,
+    render,
+    render_objects,
+)
 
 KUBE_VERSIONS = ["1.28", "1.37"]
 FILES = CHART_DIR / "files"
