@@ -97,8 +97,14 @@ def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if out.get("type") == "object" and "properties" in out:
         required = set(out.get("required", []))
         for name, prop in out["properties"].items():
-            # Optional sub-objects get `{}` so their own defaults (and CEL on them) apply.
-            if prop.get("type") == "object" and "properties" in prop and name not in required:
+            # Optional sub-objects get `{}` so their own defaults (and CEL on them) apply; a
+            # nullable one (`X | None = None`) means "absent", so it stays absent.
+            if (
+                prop.get("type") == "object"
+                and "properties" in prop
+                and name not in required
+                and not prop.get("nullable")
+            ):
                 prop.setdefault("default", {})
     return out
 

@@ -90,8 +90,10 @@ def parameter_count(cfg: HFConfig) -> int:
     hidden, inter = cfg.hidden_size, cfg.intermediate_size
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
     attention = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
-    # Qwen2 always has q/k/v biases; Llama and Mistral only when attention_bias is set.
-    if cfg.attention_bias or cfg.model_type == "qwen2":
+    # Qwen2 always has q/k/v biases (o has none); attention_bias adds q/k/v and o biases.
+    if cfg.attention_bias:
+        attention += q_out + 2 * kv_out + hidden
+    elif cfg.model_type == "qwen2":
         attention += q_out + 2 * kv_out
     mlp = 3 * hidden * inter + (2 * inter + hidden if cfg.mlp_bias else 0)
     norms = 2 * hidden

@@ -1,0 +1,211 @@
+"""Table tests of the planner: DESIGN section 1's worked examples, memory fit, auto, and rejections."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from largemodel.operator import api
+from largemodel.operator.planner import (
+    GIB,
+    MEMORY_UTILIZATION,
+    OVERHEAD_GIB,
+    PlanError,
+    plan_parallelism,
+    resolve_architecture,
+    valid_tensor_sizes,
+)
+from largemodel.partition import split_layers
+
+from .conftest import LLAMA3_70B, LLAMA31_405B
+
+
+def spec(arch: dict[str, Any] | None = LLAMA3_70B, **overrides: Any) -> api.LargeModelSpec:
+    """A spec on 8x80 GB nodes with the given architecture and overrides (camelCase dicts)."""
+    body: dict[str, Any] = {"model": {"uri": "pvc://models/m", "dtype": "bfloat16"}, "gpu": {"perNode": 8, "memoryGiB": 80}}
+    if arch is not None:
+        body["model"]["architecture"] = arch
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(body.get(key), dict):
+            body[key] = {**body[key], **value}
+        else:
+            body[key] = value
+    return api.LargeModelSpec.model_validate(body)
+
+
+def test_70b_fp16_is_140gb_and_cannot_fit_one_80gb_gpu() -> None:
+    s = spec(model={"uri": "pvc://models/m", "dtype": "float16", "architecture": LLAMA3_70B},
+             parallelism={"tensor": 1, "pipeline": 1})
+    assert LLAMA3_70B["parameters"] * 2 / 1e9 == pytest.approx(141, abs=1)
+    with pytest.raises(PlanError) as err:
+        plan_parallelism(s)
+    message = str(err.value)
+    assert "tensor=1 pipeline=1 does not fit" in message
+    assert "weights 131.4" in message  # 141 GB = 131.4 GiB
+    assert "72.0 GiB usable (gpu.memoryGiB=80 x 0.9)" in message
+    # The error lists what does fit, per valid tensor size.
+    assert "tensor=8 pipeline>=1" in message
+
+
+def test_llama3_70b_admits_tensor_1_2_4_8() -> None:
+    assert valid_tensor_sizes(spec(), api.Architecture.model_validate(LLAMA3_70B)) == [1, 2, 4, 8]
+
+
+def test_405b_bf16_on_two_nodes_of_8x80gb_is_tp8_pp2() -> None:
+    s = spec(LLAMA31_405B, parallelism={"tensor": 8, "pipeline": "auto", "microBatches": 8})
+    plan = plan_parallelism(s)
+    assert (plan.tp, plan.pp, plan.gpus_per_group) == (8, 2, 16)
+    assert plan.layers_per_stage == (63, 63)
+    # Even split: per-GPU weights are exactly M/(tp*pp).
+    assert plan.weight_gib_per_gpu == pytest.approx(LLAMA31_405B["parameters"] * 2 / 16 / GIB)
+    assert [(r.tp, r.pp) for r in plan.rejected] == [(8, 1)]
+    assert "needs 128.0 GiB per GPU" in plan.rejected[0].why
+
+
+def test_405b_auto_picks_fewest_gpus_then_lowest_pp_and_explains() -> None:
+    plan = plan_parallelism(spec(LLAMA31_405B, parallelism={"microBatches": 8}))
+    assert (plan.tp, plan.pp) == (8, 2)
+    why = {r.tp: r for r in plan.rejected}
+    # Divisibility rejections hold for any pipeline; memory rejections name the nearest miss.
+    assert why[3].why == "tensor=3 does not divide numAttentionHeads=128 (any pipeline)"
+    assert why[8].pp == 1 and "> 72.0 GiB usable" in why[8].why
+    assert why[1].pp == 15 and "74.0 GiB" in why[1].why  # 15 GPUs would be fewer, but do not fit
+    assert why[4].pp == 3
+    assert plan.total_gpus == 16 and plan.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("parallelism", "gpu", "expected"),
+    [
+        ({"tensor": 16, "pipeline": 1}, {}, "tensor=16 exceeds gpu.perNode=8 (tensor parallelism never crosses a node); valid tensor sizes: 1, 2, 4, 8"),
+        ({"tensor": 3, "pipeline": 4}, {}, "tensor=3 does not divide numAttentionHeads=64; valid tensor sizes: 1, 2, 4, 8"),
+        ({"tensor": 16, "pipeline": 1}, {"perNode": 16}, "tensor=16 does not divide numKeyValueHeads=8; valid tensor sizes: 1, 2, 4, 8"),
+        ({"tensor": 8, "pipeline": 81}, {}, "pipeline=81 exceeds numHiddenLayers=80 (every stage needs a layer); valid pipeline sizes: 1..80"),
+    ],
+)
+def test_invalid_layouts_are_rejected_with_the_valid_choices(
+    parallelism: dict[str, Any], gpu: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(PlanError) as err:
+        plan_parallelism(spec(parallelism=parallelism, gpu=gpu))
+    assert str(err.value) == expected
+
+
+def test_memory_rejection_lists_the_layouts_that_fit() -> None:
+    s = spec(parallelism={"tensor": 2, "pipeline": 1}, gpu={"memoryGiB": 40})
+    with pytest.raises(PlanError) as err:
+        plan_parallelism(s)
+    message = str(err.value)
+    assert message.startswith("tensor=2 pipeline=1 does not fit: needs ")
+    assert "36.0 GiB usable (gpu.memoryGiB=40 x 0.9)" in message
+    # Each valid tp with the smallest pipeline that fits it.
+    for choice in ("tensor=1 pipeline>=", "tensor=2 pipeline>=", "tensor=4 pipeline>=", "tensor=8 pipeline>="):
+        assert choice in message
+
+
+def test_nothing_fits_says_so() -> None:
+    tiny_gpu = spec(gpu={"memoryGiB": 2.5})
+    with pytest.raises(PlanError, match="no layout fits"):
+        plan_parallelism(tiny_gpu)
+
+
+@pytest.mark.parametrize(
+    ("tp", "pp", "mb", "batch", "length", "layers"),
+    [(8, 1, 4, 64, 8192, (80,)), (4, 2, 8, 32, 4096, (40, 40)), (2, 3, 12, 16, 8192, (27, 27, 26)), (1, 5, 20, 64, 8192, (16,) * 5)],
+)
+def test_memory_per_gpu_is_weights_plus_sharded_kv_of_the_largest_stage(
+    tp: int, pp: int, mb: int, batch: int, length: int, layers: tuple[int, ...]
+) -> None:
+    s = spec(parallelism={"tensor": tp, "pipeline": pp, "microBatches": mb},
+             serving={"maxBatchSize": batch, "maxModelLen": length})
+    plan = plan_parallelism(s)
+    assert plan.layers_per_stage == layers == tuple(split_layers(80, pp))
+    stage = max(layers)
+    assert plan.weight_gib_per_gpu == pytest.approx(LLAMA3_70B["parameters"] * 2 * stage / 80 / tp / GIB)
+    # K and V, 8 KV heads sharded by tp, head_dim 128, bf16.
+    kv_bytes = 2 * (8 // tp) * 128 * 2 * stage * batch * length
+    assert plan.kv_cache_gib_per_gpu == pytest.approx(kv_bytes / GIB)
+    assert plan.gib_per_gpu == pytest.approx(plan.weight_gib_per_gpu + plan.kv_cache_gib_per_gpu + OVERHEAD_GIB)
+    assert plan.gib_per_gpu <= 80 * MEMORY_UTILIZATION
+    assert plan.bubble == pytest.approx((pp - 1) / mb)
+    assert plan.gpus_per_group == tp * pp
+
+
+@pytest.mark.parametrize(
+    ("pp", "mb", "warns"),
+    [(1, 1, False), (2, 4, True), (2, 8, False), (4, 15, True), (4, 16, False)],
+)
+def test_warns_when_micro_batches_below_4_times_pp(pp: int, mb: int, warns: bool) -> None:
+    plan = plan_parallelism(spec(parallelism={"tensor": 8, "pipeline": pp, "microBatches": mb}))
+    bubble_warnings = [w for w in plan.warnings if "4*pipeline" in w]
+    assert bool(bubble_warnings) is warns
+    if warns:
+        assert bubble_warnings[0].startswith(f"microBatches={mb} < 4*pipeline={4 * pp}")
+
+
+def test_micro_batches_above_max_batch_size_warn() -> None:
+    plan = plan_parallelism(spec(parallelism={"tensor": 8, "pipeline": 2, "microBatches": 16}, serving={"maxBatchSize": 8}))
+    assert any("some micro-batches will always be empty" in w for w in plan.warnings)
+
+
+def test_replicas_multiply_groups_not_group_size() -> None:
+    plan = plan_parallelism(spec(parallelism={"tensor": 4, "pipeline": 2, "microBatches": 8}, replicas=3))
+    assert (plan.gpus_per_group, plan.replicas, plan.total_gpus) == (8, 3, 24)
+
+
+def test_auto_pipeline_with_fixed_tensor_takes_the_smallest_pipeline_that_fits() -> None:
+    plan = plan_parallelism(spec(parallelism={"tensor": 2, "pipeline": "auto"}))
+    assert plan.tp == 2
+    for pp in range(1, plan.pp):
+        assert any(r.tp == 2 and r.pp >= pp for r in plan.rejected)
+    assert (plan.tp, plan.pp) == (2, 3)
+
+
+def test_auto_tensor_with_fixed_pipeline() -> None:
+    plan = plan_parallelism(spec(parallelism={"tensor": "auto", "pipeline": 2}))
+    # tp 1 and 2 with two stages hold 65.7 and 32.9 GiB of weights plus 80 and 40 GiB of KV cache.
+    assert (plan.tp, plan.pp) == (4, 2)
+    assert [(r.tp, r.pp) for r in plan.rejected if "needs" in r.why] == [(1, 2), (2, 2)]
+
+
+def test_to_status_is_the_status_plan_block() -> None:
+    plan = plan_parallelism(spec(LLAMA31_405B, parallelism={"microBatches": 8}))
+    status = plan.to_status().model_dump(by_alias=True)
+    assert status["tensor"] == 8 and status["pipeline"] == 2 and status["gpusPerGroup"] == 16
+    assert status["layersPerStage"] == [63, 63] and status["bubble"] == 0.125
+    assert {k: status["rejected"][-1][k] for k in ("tensor", "pipeline")} == {"tensor": 8, "pipeline": 1}
+    api.LargeModelStatus.model_validate({"plan": status})
+
+
+def test_architecture_is_read_from_config_json_for_file_uris(tmp_path: Path) -> None:
+    config = {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "num_attention_heads": 9,
+        "num_key_value_heads": 3, "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+        "vocab_size": 49152, "tie_word_embeddings": True,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    s = spec(None, model={"uri": f"file://{tmp_path}", "dtype": "float32"}, parallelism={"tensor": 3, "pipeline": 2},
+             gpu={"perNode": 4, "memoryGiB": 8}, serving={"maxBatchSize": 4, "maxModelLen": 1024})
+    arch = resolve_architecture(s)
+    assert (arch.num_attention_heads, arch.num_key_value_heads, arch.parameters) == (9, 3, 134515008)
+    assert plan_parallelism(s).layers_per_stage == (15, 15)
+    with pytest.raises(PlanError, match="numAttentionHeads=9; valid tensor sizes: 1, 3"):
+        plan_parallelism(s.model_copy(update={"parallelism": api.Parallelism(tensor=2, pipeline=1)}))
+
+
+def test_architecture_is_required_for_pvc_and_hf_uris() -> None:
+    with pytest.raises(PlanError, match=r"spec.model.architecture is required for pvc://models/m .*largemodel inspect"):
+        plan_parallelism(spec(None))
+
+
+def test_file_uri_without_config_json_is_a_plan_error(tmp_path: Path) -> None:
+    with pytest.raises(PlanError, match="config.json: no such file"):
+        plan_parallelism(spec(None, model={"uri": f"file://{tmp_path}"}))
+
+
+def test_s3_uri_passes_the_schema_but_not_the_planner() -> None:
+    with pytest.raises(PlanError, match=r"scheme s3:// is not supported yet .*use pvc://, file://, hf://"):
+        plan_parallelism(spec(model={"uri": "s3://bucket/m", "architecture": LLAMA3_70B}))
