@@ -1,0 +1,114 @@
+"""The alert rules pass promtool, each alert is unit tested firing and silent, and the tests can fail."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from largemodel import metrics
+
+from .metricnames import exported_sample_names, metric_names_in
+
+FILES = Path(__file__).resolve().parents[2] / "charts" / "largemodel" / "files"
+RULES = FILES / "alerts.rules.yaml"
+RULE_TESTS = FILES / "alerts.test.yaml"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool missing: scripts/setup.sh dev installs it")
+
+
+def _alerts() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"] if "alert" in rule]
+
+
+def _promtool(*args: str, cwd: Path = FILES) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run([PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+@needs_promtool
+def test_promtool_check_rules() -> None:
+    result = _promtool("check", "rules", RULES.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(_alerts())} rules found" in result.stdout
+
+
+@needs_promtool
+def test_promtool_rule_unit_tests_pass() -> None:
+    result = _promtool("test", "rules", RULE_TESTS.name)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_required_alerts_exist_with_runbooks() -> None:
+    alerts = {rule["alert"]: rule for rule in _alerts()}
+    for required in (
+        "LargeModelTTFTHigh",
+        "LargeModelCollectiveLatencyRegression",
+        "LargeModelGroupsUnavailable",
+        "LargeModelRestartBudgetExhausted",
+        "LargeModelQueueSaturated",
+    ):
+        assert required in alerts, f"missing alert {required}"
+    for name, rule in alerts.items():
+        annotations = rule.get("annotations", {})
+        for key in ("summary", "description", "runbook"):
+            assert annotations.get(key, "").strip(), f"{name} has no {key} annotation"
+        assert "\n" not in annotations["runbook"].strip(), f"{name}: runbook must be one line"
+        assert rule.get("labels", {}).get("severity") in {"info", "warning", "critical"}, name
+
+
+def test_every_alert_is_unit_tested_firing_and_silent() -> None:
+    tested: dict[str, set[str]] = {}
+    for group in yaml.safe_load(RULE_TESTS.read_text())["tests"]:
+        for case in group.get("alert_rule_test", []):
+            tested.setdefault(case["alertname"], set()).add("firing" if case.get("exp_alerts") else "silent")
+    for rule in _alerts():
+        assert tested.get(rule["alert"]) == {"firing", "silent"}, f"{rule['alert']}: {tested.get(rule['alert'])}"
+
+
+def test_rules_use_only_declared_metrics_and_label_values() -> None:
+    known = exported_sample_names()
+    text = RULES.read_text()
+    for rule in _alerts():
+        used = metric_names_in(rule["expr"])
+        assert used, f"{rule['alert']} uses no largemodel metric"
+        assert used <= known, f"{rule['alert']} uses undeclared {sorted(used - known)}"
+    # Label values the rules select on are the ones the instrumenting code is told to write.
+    assert set(re.findall(r'status="(\w+)"', text)) <= set(metrics.REQUEST_STATUSES)
+    assert set(re.findall(r'state!?="(\w+)"', text)) <= set(metrics.GROUP_STATES)
+
+
+def _tests_of(name: str) -> dict[str, Any]:
+    """alerts.test.yaml cut down to the test groups and cases about alert `name` (keeps promtool quick)."""
+    document = yaml.safe_load(RULE_TESTS.read_text())
+    groups = []
+    for group in document["tests"]:
+        cases = [case for case in group.get("alert_rule_test", []) if case["alertname"] == name]
+        if cases:
+            groups.append({**group, "alert_rule_test": cases})
+    return {**document, "tests": groups}
+
+
+@needs_promtool
+@pytest.mark.parametrize("replacement", ["vector(0) > 1", "vector(1)"], ids=["never-fires", "always-fires"])
+def test_rule_unit_tests_catch_a_broken_alert(tmp_path: Path, replacement: str) -> None:
+    """Replacing any one alert's expression makes its unit tests fail: no test is vacuous."""
+    for name in [rule["alert"] for rule in _alerts()]:
+        (tmp_path / RULE_TESTS.name).write_text(yaml.safe_dump(_tests_of(name)))
+        shutil.copy(RULES, tmp_path / RULES.name)
+        intact = _promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
+        assert intact.returncode == 0, f"{name}: cut-down tests fail on the real rules\n{intact.stdout}"
+        document = yaml.safe_load(RULES.read_text())
+        for group in document["groups"]:
+            for rule in group["rules"]:
+                if rule.get("alert") == name:
+                    rule["expr"] = replacement
+        (tmp_path / RULES.name).write_text(yaml.safe_dump(document))
+        broken = _promtool("test", "rules", RULE_TESTS.name, cwd=tmp_path)
+        assert broken.returncode != 0, f"{name} replaced by {replacement!r} still passes its unit tests"
