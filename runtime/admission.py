@@ -1,0 +1,120 @@
+"""From user input to a scheduler request: tokenize, apply the chat template, fill sampling defaults.
+
+Shared by the HTTP and gRPC front ends so both accept and refuse exactly the same requests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from largemodel.runtime.scheduler import AdmissionError, GenerationRequest, Scheduler
+
+log = logging.getLogger(__name__)
+
+# A prompt of more characters than this per allowed token cannot fit and is refused before the
+# tokenizer spends time on it (no real tokenizer averages 32 characters per token).
+_MAX_CHARS_PER_TOKEN = 32
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling used when a request leaves a field out: the model's generation_config.json."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def load_sampling_defaults(model_dir: Path) -> SamplingDefaults:
+    """Read generation_config.json: greedy when it says do_sample is false, as transformers does.
+
+    Without the file the OpenAI default (temperature 1) applies.
+    """
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return SamplingDefaults()
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        log.warning("generation_config.unreadable path=%s error=%s", path, err)
+        return SamplingDefaults()
+    if not cfg.get("do_sample", False):
+        return SamplingDefaults(temperature=0.0)
+    return SamplingDefaults(
+        temperature=float(cfg.get("temperature", 1.0)),
+        top_p=float(cfg.get("top_p", 1.0)),
+        top_k=int(cfg.get("top_k", 0) or 0),
+    )
+
+
+def encode_text(tokenizer: Any, text: str, max_model_len: int) -> list[int]:
+    """Token ids of a completion prompt (with the tokenizer's own special tokens, e.g. BOS)."""
+    _check_size(len(text), max_model_len, "prompt")
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict[str, str]], max_model_len: int) -> list[int]:
+    """Token ids of a conversation rendered by the model's chat template, ready for the reply."""
+    _check_size(sum(len(m["content"]) for m in messages), max_model_len, "messages")
+    if not getattr(tokenizer, "chat_template", None):
+        raise AdmissionError("this model has no chat template; use /v1/completions with a plain prompt", "messages")
+    try:
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    except Exception as err:  # noqa: BLE001 - templates raise their own errors for malformed chats
+        raise AdmissionError(f"the chat template rejected these messages: {err}", "messages") from None
+    # The template already wrote every special token the model expects.
+    return list(tokenizer(str(text), add_special_tokens=False)["input_ids"])
+
+
+def _check_size(chars: int, max_model_len: int, param: str) -> None:
+    if chars > max_model_len * _MAX_CHARS_PER_TOKEN:
+        raise AdmissionError(
+            f"the {param} has {chars} characters, far more than fit in maxModelLen={max_model_len} tokens", param
+        )
+
+
+def build_request(
+    scheduler: Scheduler,
+    sampling_params: Any,
+    defaults: SamplingDefaults,
+    prompt_tokens: list[int],
+    *,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    seed: int | None,
+    stop: tuple[str, ...] = (),
+    stop_token_ids: tuple[int, ...] = (),
+    ignore_eos: bool = False,
+    vocab_size: int | None = None,
+) -> GenerationRequest:
+    """Check lengths against maxModelLen and fill sampling defaults; AdmissionError says what is wrong.
+
+    `sampling_params` is the engine's SamplingParams class; a missing max_tokens means "up to
+    the context limit", as OpenAI's chat API does.
+    """
+    if vocab_size is not None:
+        bad = [t for t in prompt_tokens if t >= vocab_size]
+        if bad:
+            raise AdmissionError(f"prompt token id {bad[0]} is out of range; the vocabulary has {vocab_size}", "prompt")
+    limit = scheduler.check_lengths(len(prompt_tokens), max_tokens)
+    sampling = sampling_params(
+        temperature=defaults.temperature if temperature is None else float(temperature),
+        top_k=defaults.top_k if top_k is None else max(0, int(top_k)),
+        top_p=defaults.top_p if top_p is None else float(top_p),
+        seed=seed,
+    )
+    return GenerationRequest(
+        prompt_tokens=prompt_tokens,
+        max_tokens=limit,
+        sampling=sampling,
+        stop=tuple(s for s in stop if s),
+        stop_token_ids=stop_token_ids,
+        ignore_eos=ignore_eos,
+    )

@@ -1,0 +1,47 @@
+"""Incremental detokenization for streaming: text for each new token, never a broken character.
+
+Decoding a token on its own loses what depends on its neighbours (SentencePiece's leading
+space, a UTF-8 character split over several byte tokens), so each step decodes a short window
+of the recent tokens and emits only what the newest token added once it forms whole characters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Prompt tokens kept as left context, so the first generated token decodes as it would mid-text.
+_CONTEXT_TOKENS = 5
+_REPLACEMENT_CHAR = "\ufffd"
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into a stream of text pieces whose concatenation is the full text."""
+
+    def __init__(self, tokenizer: Any, prompt_tokens: list[int]) -> None:
+        self._tokenizer = tokenizer
+        self._ids: list[int] = list(prompt_tokens[-_CONTEXT_TOKENS:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
+
+    def add(self, token: int) -> str:
+        """Text that `token` completes; "" while it ends in an unfinished multi-byte character."""
+        self._ids.append(token)
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full_text = self._decode(self._ids[self._prefix_offset:])
+        if len(full_text) > len(prefix_text) and not full_text.endswith(_REPLACEMENT_CHAR):
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self._ids)
+            return full_text[len(prefix_text):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is still held back (an unfinished character at the very end), as decoded."""
+        if self._read_offset == len(self._ids):
+            return ""
+        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+        full_text = self._decode(self._ids[self._prefix_offset:])
+        self._prefix_offset = self._read_offset = len(self._ids)
+        return full_text[len(prefix_text):]

@@ -1,0 +1,288 @@
+"""The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, probes, metrics.
+
+Every error, validation errors and unknown routes included, is an OpenAI error body
+(`{"error": {"message", "type", "param", "code"}}`); FastAPI serves the OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from largemodel.runtime import protocol as p
+from largemodel.runtime.admission import build_request, encode_chat, encode_text
+from largemodel.runtime.scheduler import AdmissionError, Chunk, QueueFullError, RequestStream
+
+log = logging.getLogger(__name__)
+
+_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
+                429: "requests", 503: "service_unavailable"}
+_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": p.ErrorResponse, "description": why}
+    for code, why in ((400, "Invalid request"), (404, "Unknown model"), (429, "Queue full; see Retry-After"),
+                      (503, "Draining or engine down"))
+}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An OpenAI error body with `status`."""
+    kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    body = p.ErrorResponse(error=p.ErrorDetail(message=message, type=kind, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _admission_error(state: Any, err: AdmissionError) -> JSONResponse:
+    if isinstance(err, QueueFullError):
+        return error_response(429, str(err), code="rate_limit_exceeded",
+                              headers={"Retry-After": str(err.retry_after_s)})
+    if err.status in (400, 404):
+        state.count_invalid()
+    return error_response(err.status, str(err), param=err.param, code=err.code)
+
+
+def _is_union_tag(part: object) -> bool:
+    # pydantic names union branches in error locations ("constrained-str", "list[constrained-int]").
+    return isinstance(part, str) and ("[" in part or "-" in part or part in {"str", "int", "float", "bool"})
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    by_loc: dict[str, list[str]] = {}
+    for item in exc.errors():
+        if item.get("type") == "json_invalid":
+            return f"the request body is not valid JSON: {item.get('ctx', {}).get('error', 'parse error')}", None
+        loc = [str(x) for x in item.get("loc", ()) if x != "body" and not _is_union_tag(x)]
+        msg = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        messages = by_loc.setdefault(".".join(loc) or "body", [])
+        if msg not in messages:
+            messages.append(msg)
+    param = next(iter(by_loc), None)
+    text = "; ".join(f"{loc}: {' or '.join(msgs)}" for loc, msgs in by_loc.items())
+    return text or "invalid request body", None if param == "body" else (param or "").split(".")[0] or None
+
+
+def create_app(state: Any) -> FastAPI:
+    """The FastAPI application over a ServingState."""
+    app = FastAPI(title="largemodel", version="0.1.0",
+                  description="OpenAI-compatible API of a largemodel rank group.")
+
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        state.count_invalid()
+        message, param = _validation_message(exc)
+        return error_response(400, message, param=param, code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.get("/healthz", tags=["probes"])
+    async def healthz() -> JSONResponse:
+        """Liveness: the process serves and its engine thread has not failed."""
+        if state.scheduler.failure is not None:
+            return error_response(503, f"engine failed: {state.scheduler.failure}")
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/readyz", tags=["probes"], responses={503: _ERROR_RESPONSES[503]})
+    async def readyz() -> JSONResponse:
+        """Readiness: every rank has loaded and joined and the server is not draining."""
+        if not state.ready:
+            return error_response(503, "not ready: draining or engine down")
+        return JSONResponse({"status": "ready", "in_flight": state.scheduler.in_flight})
+
+    @app.get("/metrics", tags=["probes"], response_class=PlainTextResponse)
+    async def prometheus_metrics() -> Response:
+        """Prometheus exposition of this process's metrics."""
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+
+        registry: Any = REGISTRY
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            from prometheus_client import multiprocess
+
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=p.ModelList, tags=["openai"])
+    async def list_models() -> p.ModelList:
+        """The one model this server serves."""
+        return p.ModelList(data=[_card(state)])
+
+    @app.get("/v1/models/{model_id:path}", response_model=p.ModelCard, tags=["openai"],
+             responses={404: _ERROR_RESPONSES[404]})
+    async def get_model(model_id: str) -> Any:
+        """One model by id."""
+        if model_id != state.model_name:
+            return error_response(404, f"model {model_id!r} does not exist; this server serves "
+                                       f"{state.model_name!r}", param="model", code="model_not_found")
+        return _card(state)
+
+    @app.post("/v1/completions", response_model=p.CompletionResponse, tags=["openai"],
+              responses={**_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
+    async def completions(body: p.CompletionRequest) -> Response:
+        """Complete a prompt; `stream: true` answers with server-sent events."""
+        try:
+            _check_model(state, body.model)
+            prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+            tokens = (encode_text(state.tokenizer, prompt, state.max_model_len) if isinstance(prompt, str)
+                      else [int(t) for t in prompt])
+            stream = _submit(state, body, tokens, body.max_tokens)
+        except AdmissionError as err:
+            return _admission_error(state, err)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return _sse(_completion_events(state, rid, stream, body.include_usage()), stream)
+        text, last = await _collect(stream)
+        if last.finish_reason not in ("stop", "length"):
+            return error_response(503, "generation was aborted: the server is stopping")
+        return JSONResponse(p.CompletionResponse(
+            id=rid, created=int(time.time()), model=state.model_name,
+            choices=[p.CompletionChoice(text=text, finish_reason=last.finish_reason)], usage=_usage(last),
+        ).model_dump())
+
+    @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse, tags=["openai"],
+              responses={**_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
+    async def chat_completions(body: p.ChatCompletionRequest) -> Response:
+        """Answer a conversation rendered with the model's chat template; `stream: true` uses SSE."""
+        try:
+            _check_model(state, body.model)
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            tokens = encode_chat(state.tokenizer, messages, state.max_model_len)
+            stream = _submit(state, body, tokens, body.token_limit())
+        except AdmissionError as err:
+            return _admission_error(state, err)
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        if body.stream:
+            return _sse(_chat_events(state, rid, stream, body.include_usage()), stream)
+        text, last = await _collect(stream)
+        if last.finish_reason not in ("stop", "length"):
+            return error_response(503, "generation was aborted: the server is stopping")
+        return JSONResponse(p.ChatCompletionResponse(
+            id=rid, created=int(time.time()), model=state.model_name,
+            choices=[p.ChatChoice(message=p.AssistantMessage(content=text), finish_reason=last.finish_reason)],
+            usage=_usage(last),
+        ).model_dump())
+
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document without its 422 responses: validation errors are answered 400 here."""
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path in doc.get("paths", {}).values():
+            for op in path.values():
+                op.get("responses", {}).pop("422", None)
+        app.openapi_schema = doc
+    return app.openapi_schema
+
+
+def _card(state: Any) -> p.ModelCard:
+    return p.ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_model_len)
+
+
+class ModelNotFoundError(AdmissionError):
+    """The request names a model this server does not serve (OpenAI answers 404)."""
+
+    status = 404
+    code = "model_not_found"
+
+
+def _check_model(state: Any, model: str | None) -> None:
+    if model not in (None, "", state.model_name):
+        raise ModelNotFoundError(f"model {model!r} does not exist here; this server serves {state.model_name!r} "
+                                 "(see /v1/models)", "model")
+
+
+def _submit(state: Any, body: p._SamplingFields, tokens: list[int], max_tokens: int | None) -> RequestStream:
+    request = build_request(
+        state.scheduler, state.sampling_params, state.defaults, tokens,
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        seed=body.seed, stop=body.stop_strings(), stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos, vocab_size=state.vocab_size,
+    )
+    return state.scheduler.submit(request)
+
+
+async def _collect(stream: RequestStream) -> tuple[str, Chunk]:
+    pieces: list[str] = []
+    last: Chunk | None = None
+    try:
+        async for chunk in stream:
+            pieces.append(chunk.text)
+            last = chunk
+    finally:
+        if not stream.finished:
+            stream.cancel()
+    assert last is not None  # a stream always ends with a chunk that has a finish_reason
+    return "".join(pieces), last
+
+
+def _usage(chunk: Chunk) -> p.Usage:
+    return p.Usage(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
+                   total_tokens=chunk.prompt_tokens + chunk.completion_tokens)
+
+
+def _sse(events: AsyncIterator[dict[str, Any]], stream: RequestStream) -> StreamingResponse:
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            # The client hung up (or we are done): free the batch slot at the next step.
+            if not stream.finished:
+                stream.cancel()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _aborted_event() -> dict[str, Any]:
+    return {"error": {"message": "generation was aborted: the server is stopping", "type": "server_error",
+                      "param": None, "code": "aborted"}}
+
+
+async def _completion_events(state: Any, rid: str, stream: RequestStream, usage: bool) -> AsyncIterator[dict[str, Any]]:
+    created = int(time.time())
+    base = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
+    async for chunk in stream:
+        if chunk.finish_reason in ("abort", "error"):
+            yield _aborted_event()
+            return
+        if chunk.text or chunk.finish_reason:
+            choice = {"index": 0, "text": chunk.text, "finish_reason": chunk.finish_reason, "logprobs": None}
+            yield {**base, "choices": [choice]}
+        if chunk.finish_reason and usage:
+            yield {**base, "choices": [], "usage": _usage(chunk).model_dump()}
+
+
+async def _chat_events(state: Any, rid: str, stream: RequestStream, usage: bool) -> AsyncIterator[dict[str, Any]]:
+    created = int(time.time())
+    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
+    yield {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None, "logprobs": None}]}
+    async for chunk in stream:
+        if chunk.finish_reason in ("abort", "error"):
+            yield _aborted_event()
+            return
+        if chunk.text:
+            yield {**base, "choices": [{"index": 0, "delta": {"content": chunk.text},
+                                        "finish_reason": None, "logprobs": None}]}
+        if chunk.finish_reason:
+            yield {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": chunk.finish_reason,
+                                        "logprobs": None}]}
+            if usage:
+                yield {**base, "choices": [], "usage": _usage(chunk).model_dump()}

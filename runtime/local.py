@@ -1,0 +1,250 @@
+"""`largemodel run -f FILE`: run a LargeModel on this machine, every pipeline stage as a local "pod".
+
+It plans the file as the operator would, resolves the model (building SmolLM2 offline the first
+time), starts one `largemodel rank` process per stage with exactly the env the operator injects
+(MASTER_ADDR=127.0.0.1 and free ports instead of cluster DNS), waits for /readyz and serves on
+127.0.0.1. With --prompt it asks one question through the real HTTP API, prints the streamed
+answer and shuts the ranks down; without it, it serves until Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.parse import urlparse
+
+from largemodel import envcontract
+from largemodel.runtime.server import BIND_HOST_ENV, DRAIN_GRACE_ENV
+
+log = logging.getLogger("largemodel.run")
+
+EXIT_USAGE = 2
+LOCALHOST = "127.0.0.1"
+
+
+class _Stop(Exception):
+    """SIGTERM arrived: leave the serve loop and clean up, like Ctrl-C."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="largemodel run", description=__doc__.splitlines()[0])
+    parser.add_argument("-f", "--file", required=True, help="LargeModel YAML file")
+    parser.add_argument("--prompt", help="ask this once (chat completion), print the answer and exit")
+    parser.add_argument("--max-tokens", type=int, default=128, help="answer length limit for --prompt")
+    parser.add_argument("--port", type=int, help="HTTP port on 127.0.0.1 (default spec.serving.httpPort; 0 = any)")
+    parser.add_argument("--grpc-port", type=int, help="gRPC port (default spec.serving.grpcPort; 0 = any)")
+    parser.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for every rank to join")
+    parser.add_argument("--grace", type=float, default=30, help="seconds in-flight requests get on shutdown")
+    return parser
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOCALHOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `largemodel run`."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.max_tokens < 1:
+        print("largemodel run: error: --max-tokens must be >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        lm, plan, model_dir = _prepare(args.file)
+    except ValueError as err:  # InputError, PlanError, ModelStoreError are all ValueErrors or wrapped
+        print(f"largemodel run: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    serving = lm.spec.serving
+    http_port = _pick_port(args.port, serving.http_port)
+    grpc_port = _pick_port(args.grpc_port, serving.grpc_port)
+    group = envcontract.RankGroupEnv(
+        master_addr=LOCALHOST, master_port=free_port(), tp=plan.tp, pp=plan.pp, group_index=0,
+        model_uri=model_dir.resolve().as_uri(), model_dtype=lm.spec.model.dtype, micro_batches=plan.micro_batches,
+        engine=lm.spec.engine, http_port=http_port, grpc_port=grpc_port, metrics_port=serving.metrics_port,
+        max_batch_size=serving.max_batch_size, max_queue=serving.max_queue, max_model_len=serving.max_model_len,
+        model_name=lm.metadata.name,
+    )
+    log.info("run.plan name=%s tp=%d pp=%d micro_batches=%d layers_per_stage=%s model_dir=%s",
+             lm.metadata.name, plan.tp, plan.pp, plan.micro_batches, list(plan.layers_per_stage), model_dir)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        nodes = [_start_node(group, stage, args.grace) for stage in range(plan.pp)]
+        base = f"http://{LOCALHOST}:{http_port}"
+        _wait_ready(base, nodes, args.ready_timeout)
+        log.info("run.ready http=%s/v1 grpc=%s:%d model=%s", base, LOCALHOST, grpc_port, lm.metadata.name)
+        if args.prompt is not None:
+            _ask(base, lm.metadata.name, args.prompt, args.max_tokens)
+            return _stop_nodes(nodes, args.grace)
+        print(f"serving {lm.metadata.name} on {base}/v1 (gRPC {LOCALHOST}:{grpc_port}); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        while all(node.poll() is None for node in nodes):
+            time.sleep(0.5)
+        log.error("run.rank_exited codes=%s", [node.poll() for node in nodes])
+        _stop_nodes(nodes, args.grace)
+        return 1
+    except (KeyboardInterrupt, _Stop):
+        log.info("run.interrupted stopping ranks")
+        _stop_nodes(nodes, args.grace)
+        return 0
+    except RuntimeError as err:
+        print(f"largemodel run: error: {err}", file=sys.stderr)
+        _stop_nodes(nodes, args.grace)
+        return 1
+    finally:
+        _kill_all(nodes)
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _Stop()
+
+
+def _pick_port(requested: int | None, spec_port: int) -> int:
+    if requested is None:
+        return spec_port
+    return requested or free_port()
+
+
+def _prepare(path: str) -> tuple[Any, Any, Path]:
+    """Load, plan and resolve the model; any user error is a ValueError with a one-line message."""
+    from largemodel.operator.cli import InputError, load_largemodel
+    from largemodel.operator.modelconfig import ModelConfigError, inspect_model
+    from largemodel.operator.planner import PlanError, plan_parallelism
+    from largemodel.runtime.modelstore import ModelStoreError, local_model_dir
+
+    lm = load_largemodel(path)
+    spec = lm.spec
+    try:
+        arch = spec.model.architecture
+        if arch is None and urlparse(spec.model.uri).scheme != "file":
+            # Planning needs the architecture: read it from the (built or cached) model directory.
+            arch = inspect_model(local_model_dir(spec.model.uri))
+        plan = plan_parallelism(spec, arch)
+        model_dir = local_model_dir(spec.model.uri)
+    except (PlanError, ModelStoreError, ModelConfigError) as err:
+        raise InputError(f"{path}: {err}") from None
+    for warning in plan.warnings:
+        log.warning("run.plan_warning %s", warning)
+    return lm, plan, model_dir
+
+
+def _start_node(group: envcontract.RankGroupEnv, stage: int, grace_s: float) -> subprocess.Popen[bytes]:
+    """Start stage `stage` as its own process group, as one pod would run."""
+    env = dict(os.environ)
+    env.update(group.node_env(stage))
+    # Pods each own their IP; on one machine every stage needs its own metrics port.
+    env[envcontract.METRICS_PORT] = str(group.metrics_port if stage == 0 else free_port())
+    if stage == 0 and _port_busy(group.metrics_port):
+        env[envcontract.METRICS_PORT] = str(free_port())
+    env[BIND_HOST_ENV] = LOCALHOST
+    env[DRAIN_GRACE_ENV] = str(grace_s)
+    env["PYTHONSAFEPATH"] = "1"
+    # Ranks share this machine's cores: one thread each unless the user said otherwise.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (group.tp * group.pp))))
+    cmd = [sys.executable, "-m", "largemodel.operator.cli", "rank"]
+    log.info("run.start_node stage=%d metrics_port=%s", stage, env[envcontract.METRICS_PORT])
+    return subprocess.Popen(cmd, env=env, start_new_session=True)
+
+
+def _port_busy(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex((LOCALHOST, port)) == 0
+
+
+def _wait_ready(base: str, nodes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """Poll /readyz until every rank joined; fail fast if a rank process exits."""
+    deadline = time.monotonic() + timeout_s
+    last_log = 0.0
+    while time.monotonic() < deadline:
+        for stage, node in enumerate(nodes):
+            if node.poll() is not None:
+                raise RuntimeError(f"stage {stage} exited with code {node.returncode} before the group was ready")
+        try:
+            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() - last_log > 10:
+            last_log = time.monotonic()
+            log.info("run.waiting_ready url=%s/readyz", base)
+        time.sleep(0.3)
+    raise RuntimeError(f"the rank group was not ready within {timeout_s:.0f}s")
+
+
+def _ask(base: str, model: str, prompt: str, max_tokens: int) -> None:
+    """Send one chat completion through the HTTP API and print the streamed answer."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    request = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    usage: dict[str, Any] = {}
+    try:
+        with urllib.request.urlopen(request, timeout=600) as resp:
+            for raw in resp:
+                line = raw.decode().strip()
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[len("data: "):])
+                if "error" in event:
+                    raise RuntimeError(f"generation failed: {event['error']['message']}")
+                usage = event.get("usage") or usage
+                for choice in event.get("choices", []):
+                    sys.stdout.write(choice.get("delta", {}).get("content", "") or "")
+                    sys.stdout.flush()
+    except urllib.error.HTTPError as err:
+        raise RuntimeError(f"HTTP {err.code}: {err.read().decode(errors='replace')}") from None
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    log.info("run.answered prompt_tokens=%s completion_tokens=%s", usage.get("prompt_tokens"),
+             usage.get("completion_tokens"))
+
+
+def _stop_nodes(nodes: list[subprocess.Popen[bytes]], grace_s: float) -> int:
+    """SIGTERM stage 0 (it drains and shuts the group down), then wait; escalate if stages hang."""
+    if not nodes:
+        return 0
+    if nodes[0].poll() is None:
+        nodes[0].send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s + 30
+    while time.monotonic() < deadline and any(n.poll() is None for n in nodes):
+        time.sleep(0.2)
+    codes = [n.poll() for n in nodes]
+    log.info("run.stopped exit_codes=%s", codes)
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+def _kill_all(nodes: list[subprocess.Popen[bytes]]) -> None:
+    """Last resort: no rank process outlives `largemodel run`."""
+    for node in nodes:
+        if node.poll() is None:
+            for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+                try:
+                    os.killpg(node.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    node.wait(wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        else:
+            # The stage's own children (its local ranks) share its process group.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(node.pid, signal.SIGKILL)

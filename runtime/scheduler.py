@@ -1,0 +1,412 @@
+"""Continuous batching on global rank 0: requests join and leave the running batch every step.
+
+The engine's `step` blocks on collectives across every rank of the group, so it runs in one
+dedicated thread; the asyncio side (HTTP, gRPC) submits requests and reads their token chunks
+through `RequestStream`s, and never touches the engine itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from largemodel import metrics
+from largemodel.runtime.detokenize import IncrementalDetokenizer
+
+log = logging.getLogger(__name__)
+
+FinishReason = str  # "stop" | "length" | "abort" | "error"
+
+
+class EngineLike(Protocol):
+    """The part of largemodel.runtime.engine.Engine the scheduler uses."""
+
+    max_batch_size: int
+    max_model_len: int
+    eos_token_ids: list[int]
+
+    def step(self, batch: list[Any]) -> list[int]: ...
+
+
+class AdmissionError(Exception):
+    """A request the scheduler will not take; `status` is the HTTP status that says why."""
+
+    status = 400
+    code = "invalid_request"
+    param: str | None = None
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(AdmissionError):
+    """Every batch slot is busy and the waiting queue is at serving.maxQueue."""
+
+    status = 429
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class UnavailableError(AdmissionError):
+    """The server is draining for shutdown, or its engine failed."""
+
+    status = 503
+    code = "unavailable"
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A tokenized request: what the HTTP and gRPC layers hand to the scheduler."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: Any  # largemodel.runtime.engine.SamplingParams
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Text and tokens produced by one step for one request; the last one has a finish_reason."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class _Sequence:
+    """Scheduler-thread state of one admitted request."""
+
+    request: GenerationRequest
+    stream: RequestStream
+    detok: IncrementalDetokenizer
+    admitted_at: float
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    last_token_at: float = 0.0
+
+
+class RequestStream:
+    """Async iterator over the chunks of one request; `cancel()` when the client goes away."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_tokens: int) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[Chunk] = asyncio.Queue()
+        self.prompt_tokens = prompt_tokens
+        self.cancelled = False
+        self.finished = False
+
+    def _push(self, chunk: Chunk) -> None:
+        """Called from the engine thread."""
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
+
+    def cancel(self) -> None:
+        """Stop generating for this request at the next step."""
+        self.cancelled = True
+
+    def __aiter__(self) -> AsyncIterator[Chunk]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Chunk]:
+        while not self.finished:
+            chunk = await self._queue.get()
+            if chunk.finish_reason is not None:
+                self.finished = True
+            yield chunk
+
+
+class Scheduler:
+    """Bounded waiting queue + batch slots + the engine thread."""
+
+    def __init__(
+        self,
+        engine: EngineLike,
+        tokenizer: Any,
+        max_queue: int,
+        seq_input: Callable[..., Any],
+        max_prefill_tokens: int | None = None,
+    ) -> None:
+        self.engine = engine
+        self.max_batch_size = engine.max_batch_size
+        self.max_model_len = engine.max_model_len
+        self.max_queue = max_queue
+        self._tokenizer = tokenizer
+        self._seq_input = seq_input
+        # Bounds how much prefill work joins one step, so running streams keep a steady pace.
+        self._max_prefill_tokens = max_prefill_tokens or max(2048, engine.max_model_len)
+        self._eos = frozenset(engine.eos_token_ids)
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[_Sequence] = collections.deque()
+        self._running: dict[int, _Sequence] = {}
+        self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
+        self._stopping = False
+        self._draining = False
+        self.failure: BaseException | None = None
+        self.on_failure: Callable[[BaseException], None] | None = None
+        self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
+
+    # ---- asyncio side -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start the engine thread."""
+        metrics.QUEUE_CAPACITY.set(self.max_queue)
+        self._thread.start()
+
+    @property
+    def accepting(self) -> bool:
+        """True while new requests are admitted (not draining, engine healthy)."""
+        return not self._draining and self.failure is None and not self._stopping
+
+    @property
+    def in_flight(self) -> int:
+        """Requests admitted and not yet finished (waiting or running)."""
+        with self._cond:
+            return len(self._waiting) + len(self._running)
+
+    def check_lengths(self, prompt_len: int, max_tokens: int | None) -> int:
+        """Validate prompt and max_tokens against maxModelLen; return the max_tokens to use."""
+        if prompt_len == 0:
+            raise AdmissionError("the prompt is empty; send at least one token", "prompt")
+        if prompt_len >= self.max_model_len:
+            raise AdmissionError(
+                f"this model's maximum context length (maxModelLen) is {self.max_model_len} tokens and the "
+                f"prompt has {prompt_len} tokens, which leaves no room to generate; shorten the prompt",
+                "messages",
+            )
+        room = self.max_model_len - prompt_len
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise AdmissionError(
+                f"this model's maximum context length (maxModelLen) is {self.max_model_len} tokens; the prompt "
+                f"has {prompt_len} tokens and max_tokens asks for {max_tokens}, so at most {room} can be "
+                f"generated; lower max_tokens",
+                "max_tokens",
+            )
+        return max_tokens
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Admit a request (call from the event loop); raise AdmissionError when it cannot be taken."""
+        if self.failure is not None:
+            raise UnavailableError(f"the engine failed and is not serving: {self.failure}")
+        if self._draining or self._stopping:
+            raise UnavailableError("the server is shutting down and admits no new requests")
+        self.check_lengths(len(request.prompt_tokens), request.max_tokens)
+        if request.max_tokens < 1:
+            raise AdmissionError("max_tokens must be at least 1", "max_tokens")
+        stream = RequestStream(asyncio.get_running_loop(), len(request.prompt_tokens))
+        seq = _Sequence(
+            request=request,
+            stream=stream,
+            detok=IncrementalDetokenizer(self._tokenizer, request.prompt_tokens),
+            admitted_at=time.monotonic(),
+        )
+        with self._cond:
+            # Waiting requests that a free slot will take at the next step do not count as queued.
+            if len(self._waiting) - len(self._free_slots) >= self.max_queue:
+                metrics.REQUESTS.labels(status=metrics.STATUS_REJECTED).inc()
+                raise QueueFullError(
+                    f"the server is at capacity ({self.max_batch_size} running, {len(self._waiting)} waiting, "
+                    f"maxQueue {self.max_queue}); retry later",
+                    retry_after_s=1,
+                )
+            self._waiting.append(seq)
+            metrics.PROMPT_TOKENS.inc(len(request.prompt_tokens))
+            metrics.REQUESTS_WAITING.set(len(self._waiting))
+            self._cond.notify()
+        return stream
+
+    def begin_drain(self) -> None:
+        """Stop admitting; admitted requests run to completion."""
+        self._draining = True
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until nothing is in flight or `timeout_s` passes; True when idle."""
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight == 0
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Abort whatever is still in flight and join the engine thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    # ---- engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        log.info("scheduler.start max_batch_size=%d max_queue=%d max_model_len=%d",
+                 self.max_batch_size, self.max_queue, self.max_model_len)
+        try:
+            while True:
+                with self._cond:
+                    while not self._stopping and not self._waiting and not self._running:
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                    prefills = self._admit()
+                    batch = self._build_batch(prefills)
+                if batch:
+                    seqs = [seq for seq, _ in batch]
+                    tokens = self.engine.step([inp for _, inp in batch])
+                    self._consume(seqs, tokens)
+        except BaseException as exc:  # noqa: BLE001 - a broken engine must fail requests, not hang them
+            log.exception("scheduler.engine_failed error=%r", exc)
+            self.failure = exc
+            if self.on_failure is not None:
+                self.on_failure(exc)
+        finally:
+            with self._cond:
+                leftovers = list(self._waiting) + list(self._running.values())
+                self._waiting.clear()
+                self._running.clear()
+            reason = "error" if self.failure is not None else "abort"
+            for seq in leftovers:
+                self._finish(seq, reason)
+            log.info("scheduler.stop aborted=%d", len(leftovers))
+
+    def _admit(self) -> set[int]:
+        """Move waiting requests into free slots (lock held); return the slots that need a prefill."""
+        for slot, seq in list(self._running.items()):
+            if seq.stream.cancelled:
+                del self._running[slot]
+                self._free_slots.append(slot)
+                self._finish(seq, "abort")
+        prefills: set[int] = set()
+        budget = self._max_prefill_tokens
+        while self._waiting and self._free_slots:
+            seq = self._waiting[0]
+            if seq.stream.cancelled:
+                self._waiting.popleft()
+                self._finish(seq, "abort")
+                continue
+            cost = len(seq.request.prompt_tokens)
+            if prefills and cost > budget:
+                break
+            self._waiting.popleft()
+            budget -= cost
+            seq.slot = self._free_slots.pop()
+            self._running[seq.slot] = seq
+            prefills.add(seq.slot)
+        metrics.REQUESTS_WAITING.set(len(self._waiting))
+        metrics.REQUESTS_RUNNING.set(len(self._running))
+        return prefills
+
+    def _build_batch(self, prefills: set[int]) -> list[tuple[_Sequence, Any]]:
+        """One SeqInput per running sequence: the prompt for new ones, the last token for the rest."""
+        batch = []
+        for slot, seq in sorted(self._running.items()):
+            prompt = seq.request.prompt_tokens
+            if slot in prefills:
+                inp = self._seq_input(slot=slot, tokens=list(prompt), start_pos=0, sampling=seq.request.sampling)
+            else:
+                pos = len(prompt) + len(seq.generated) - 1
+                inp = self._seq_input(
+                    slot=slot, tokens=[seq.generated[-1]], start_pos=pos, sampling=seq.request.sampling
+                )
+            batch.append((seq, inp))
+        self._update_kv_gauge()
+        return batch
+
+    def _update_kv_gauge(self) -> None:
+        used = sum(len(s.request.prompt_tokens) + len(s.generated) for s in self._running.values())
+        metrics.KV_CACHE_USAGE.set(used / (self.max_batch_size * self.max_model_len))
+
+    def _consume(self, seqs: list[_Sequence], tokens: list[int]) -> None:
+        """Append each sampled token, detokenize, apply stop rules, push chunks to the clients."""
+        now = time.monotonic()
+        metrics.GENERATION_TOKENS.inc(len(tokens))
+        finished: list[_Sequence] = []
+        for seq, token in zip(seqs, tokens, strict=True):
+            request = seq.request
+            if seq.generated:
+                metrics.INTER_TOKEN.observe(now - seq.last_token_at)
+            else:
+                metrics.TTFT.observe(now - seq.admitted_at)
+            seq.last_token_at = now
+            seq.generated.append(token)
+            reason: FinishReason | None = None
+            stops_on_token = (token in self._eos and not request.ignore_eos) or token in request.stop_token_ids
+            if stops_on_token:
+                reason = "stop"
+                seq.text += seq.detok.flush()
+            else:
+                seq.text += seq.detok.add(token)
+                if request.stop and _truncate_at_stop(seq, request.stop):
+                    reason = "stop"
+            if reason is None and (
+                len(seq.generated) >= request.max_tokens
+                or len(request.prompt_tokens) + len(seq.generated) >= self.max_model_len
+            ):
+                reason = "length"
+                seq.text += seq.detok.flush()
+            if reason is not None:
+                finished.append(seq)
+                self._finish(seq, reason, [token])
+            else:
+                end = len(seq.text) - _stop_prefix_holdback(seq.text, request.stop)
+                text = seq.text[seq.emitted:end]
+                seq.emitted = max(seq.emitted, end)
+                seq.stream._push(Chunk(text, [token], None, len(request.prompt_tokens), len(seq.generated)))
+        if finished:
+            with self._cond:
+                for seq in finished:
+                    if self._running.get(seq.slot) is seq:
+                        del self._running[seq.slot]
+                        self._free_slots.append(seq.slot)
+                metrics.REQUESTS_RUNNING.set(len(self._running))
+                self._update_kv_gauge()
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, token_ids: list[int] | None = None) -> None:
+        """Send the final chunk of a sequence and record its metrics."""
+        text = seq.text[seq.emitted:]
+        seq.emitted = len(seq.text)
+        seq.stream._push(
+            Chunk(text, token_ids or [], reason, len(seq.request.prompt_tokens), len(seq.generated))
+        )
+        status = {"stop": metrics.STATUS_OK, "length": metrics.STATUS_OK, "abort": metrics.STATUS_CANCELLED}
+        metrics.REQUESTS.labels(status=status.get(reason, metrics.STATUS_ERROR)).inc()
+        metrics.REQUEST_DURATION.observe(time.monotonic() - seq.admitted_at)
+
+
+def _truncate_at_stop(seq: _Sequence, stops: tuple[str, ...]) -> bool:
+    """Cut seq.text at the earliest stop string that appeared; True when one did."""
+    longest = max(len(s) for s in stops)
+    # Only the tail can hold a new match: text before `emitted` was checked on earlier steps.
+    window_start = max(0, seq.emitted - longest)
+    hits = [i for i in (seq.text.find(s, window_start) for s in stops if s) if i >= 0]
+    if not hits:
+        return False
+    seq.text = seq.text[: min(hits)]
+    seq.emitted = min(seq.emitted, len(seq.text))
+    return True
+
+
+def _stop_prefix_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if stop.startswith(text[-n:]):
+                best = n
+                break
+    return best

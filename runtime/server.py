@@ -1,0 +1,181 @@
+"""Serving on global rank 0: OpenAI-compatible HTTP, gRPC, health, metrics and graceful drain.
+
+`run_server` is what `largemodel rank` calls once the engine is up; it blocks until SIGTERM
+(or SIGINT), then stops admitting (503, readiness false), lets admitted requests finish within
+the drain grace period, stops both servers and shuts the engine (and so every rank) down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from largemodel import envcontract, metrics
+from largemodel.runtime.admission import SamplingDefaults, load_sampling_defaults
+from largemodel.runtime.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+# Serving-only settings, not part of the operator's env contract.
+DRAIN_GRACE_ENV = "DRAIN_GRACE_SECONDS"  # how long SIGTERM waits for admitted requests
+BIND_HOST_ENV = "BIND_HOST"  # 0.0.0.0 in pods; `largemodel run` binds 127.0.0.1
+DEFAULT_DRAIN_GRACE_S = 30.0
+
+
+@dataclass
+class ServingState:
+    """What the HTTP and gRPC handlers share."""
+
+    scheduler: Scheduler
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+    sampling_params: Any
+    defaults: SamplingDefaults
+    created: int
+    stopping: bool = False
+
+    @property
+    def ready(self) -> bool:
+        """Serving traffic: the engine exists (so every rank joined) and is neither failed nor draining."""
+        return self.scheduler.accepting and not self.stopping
+
+    def count_invalid(self) -> None:
+        """Count a request refused as bad input."""
+        metrics.REQUESTS.labels(status=metrics.STATUS_INVALID).inc()
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Ports, limits and names read from the environment."""
+
+    host: str
+    http_port: int
+    grpc_port: int
+    max_queue: int
+    model_name: str
+    drain_grace_s: float
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str], model_dir: Path) -> ServerSettings:
+        """Parse the serving variables; a bad value is an EnvContractError naming it."""
+
+        def number(name: str, default: float, minimum: float = 0) -> float:
+            raw = environ.get(name, "")
+            try:
+                value = float(raw) if raw else default
+            except ValueError:
+                raise envcontract.EnvContractError(f"environment variable {name}={raw!r} is not a number") from None
+            if value < minimum:
+                raise envcontract.EnvContractError(f"environment variable {name}={raw} must be >= {minimum}")
+            return value
+
+        return cls(
+            host=environ.get(BIND_HOST_ENV, "") or "0.0.0.0",
+            http_port=int(number(envcontract.HTTP_PORT, 8000, 1)),
+            grpc_port=int(number(envcontract.GRPC_PORT, 9000, 1)),
+            max_queue=int(number(envcontract.MAX_QUEUE, 256)),
+            model_name=environ.get(envcontract.MODEL_NAME, "") or model_dir.name,
+            drain_grace_s=number(DRAIN_GRACE_ENV, DEFAULT_DRAIN_GRACE_S),
+        )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handlers: run_server owns SIGTERM and drains first."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        yield
+
+
+def load_tokenizer(model_dir: Path) -> Any:
+    """The model directory's tokenizer (chat template included)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def run_server(engine: Any, model_dir: Path, environ: Mapping[str, str]) -> int:
+    """Serve HTTP and gRPC for `engine` until SIGTERM, drain, shut the engine down; return the exit code."""
+    from largemodel.runtime.engine import SamplingParams, SeqInput
+
+    settings = ServerSettings.from_environ(environ, Path(model_dir))
+    # Two tokenizers: the engine thread decodes while the event loop encodes, and a Rust
+    # tokenizer object must not be used from two threads at once.
+    scheduler = Scheduler(engine, load_tokenizer(model_dir), settings.max_queue, SeqInput)
+    state = ServingState(
+        scheduler=scheduler,
+        tokenizer=load_tokenizer(model_dir),
+        model_name=settings.model_name,
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.vocab_size,
+        sampling_params=SamplingParams,
+        defaults=load_sampling_defaults(Path(model_dir)),
+        created=int(time.time()),
+    )
+    try:
+        return asyncio.run(_serve(state, settings))
+    finally:
+        scheduler.stop()
+        log.info("server.engine_shutdown")
+        engine.shutdown()
+
+
+async def _serve(state: ServingState, settings: ServerSettings) -> int:
+    from largemodel.runtime.grpc_server import set_not_serving, start_grpc_server
+    from largemodel.runtime.http_api import create_app
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    state.scheduler.on_failure = lambda exc: loop.call_soon_threadsafe(stop.set)
+    state.scheduler.start()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+    config = uvicorn.Config(
+        create_app(state), host=settings.host, port=settings.http_port, lifespan="off",
+        access_log=False, log_level="warning", timeout_graceful_shutdown=5, log_config=None,
+    )
+    http = _Server(config)
+    http_task = asyncio.create_task(http.serve())
+    grpc_server, health_servicer = await start_grpc_server(state, settings.host, settings.grpc_port)
+    log.info("server.listening http=%s:%d grpc=%s:%d model=%s pid=%d", settings.host, settings.http_port,
+             settings.host, settings.grpc_port, state.model_name, os.getpid())
+
+    stop_task = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    if http_task in done:
+        # uvicorn only returns on its own when it could not start (port taken, ...).
+        log.error("server.http_failed port=%d", settings.http_port)
+        stop_task.cancel()
+        await grpc_server.stop(0)
+        return 1
+
+    in_flight = state.scheduler.in_flight
+    log.info("server.draining in_flight=%d grace_s=%.0f", in_flight, settings.drain_grace_s)
+    state.stopping = True
+    state.scheduler.begin_drain()
+    await set_not_serving(health_servicer)
+    idle = await state.scheduler.wait_idle(settings.drain_grace_s)
+    if not idle:
+        log.warning("server.drain_timeout aborting=%d", state.scheduler.in_flight)
+    # Aborted leftovers get their final chunk here, before the servers wait for their streams.
+    state.scheduler.stop()
+    http.should_exit = True
+    await asyncio.gather(http_task, grpc_server.stop(grace=5), return_exceptions=True)
+    failed = state.scheduler.failure is not None
+    log.info("server.stopped drained=%s engine_failed=%s", idle, failed)
+    return 1 if failed else 0
