@@ -1,0 +1,429 @@
+"""One level-based reconcile pass of a LargeModel, as a pure function.
+
+(LargeModel body, observed children and pods, now) -> (writes to make, Events, new status).
+Restart history rides in the body's annotations (see restarts.py). Nothing here talks to the
+API server; handlers.py runs the result. The rules (DESIGN section 3):
+
+- Invalid spec (schema or planner): Admitted=False with the message, an Event, phase Failed, and
+  no writes to children: a new resource gets none, an edited one keeps serving what it has.
+- Services are created when missing and patched only when a field we set differs.
+- Group StatefulSets are compared by revision label only (the hash of everything that shapes
+  the pod template): the API server fills defaults and normalises quantities, so a field-wise
+  diff of a pod template would never settle. A group at another revision is recreated: not-Ready
+  ones at once, Ready ones at most rollout.maxUnavailableGroups at a time (counting every group
+  that is not Ready), highest index first, the next only after the last is Ready.
+- Recreating a group = deleting its StatefulSet with Foreground propagation (its pods go first)
+  and creating it again on the pass that sees it gone. The StatefulSet, not just its pods, is
+  deleted so that the new incarnation cannot mix with old pods and starts from the new template.
+- replicas: missing groups are created, groups at index >= replicas deleted, highest first.
+- A broken group (groups.py) is recreated within the restart budget (restarts.py), else left
+  down with Degraded=True.
+- Status is written only when it differs, so a steady state makes zero writes.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+
+from largemodel.operator import api, conditions
+from largemodel.operator.builders import (
+    build_client_service,
+    build_group_statefulset,
+    build_ranks_service,
+    endpoint,
+    group_name,
+    selector_labels,
+    template_revision,
+)
+from largemodel.operator.conditions import Cond
+from largemodel.operator.groups import MEMBERS_ANNOTATION, GroupView, observe_groups
+from largemodel.operator.planner import Plan, PlanError, plan_parallelism
+from largemodel.operator.restarts import (
+    RESTARTS_ANNOTATION,
+    RestartHistory,
+    decide_restart,
+    dump_history,
+    in_window,
+    load_history,
+    may_start,
+)
+
+Obj = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Observed:
+    """The children of one LargeModel as listed from the API server (by its name label)."""
+
+    statefulsets: Sequence[Obj] = ()
+    services: Sequence[Obj] = ()
+    pods: Sequence[Obj] = ()
+
+
+@dataclass(frozen=True)
+class Create:
+    """Create this object."""
+
+    obj: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Patch:
+    """JSON-merge-patch the named object."""
+
+    api_version: str
+    kind: str
+    name: str
+    patch: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Delete the named object (Foreground: dependents first), only if it still has `uid`."""
+
+    api_version: str
+    kind: str
+    name: str
+    uid: str
+
+
+Action = Create | Patch | Delete
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event about the LargeModel."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Result:
+    """Everything one pass decided."""
+
+    actions: tuple[Action, ...] = ()
+    events: tuple[Event, ...] = ()
+    status: dict[str, Any] | None = None  # the whole new status; None when unchanged
+    annotations: dict[str, str | None] | None = None  # metadata.annotations patch; None when unchanged
+    requeue_after: float | None = None  # run again after this many seconds even if nothing changes
+    group_states: dict[str, int] = field(default_factory=dict)
+    restarts: int = 0  # group restarts decided in this pass
+
+    @property
+    def writes(self) -> int:
+        """API writes this result makes (Events not counted)."""
+        return len(self.actions) + (self.status is not None) + (self.annotations is not None)
+
+
+def _problem(err: pydantic.ValidationError) -> str:
+    parts = []
+    for item in err.errors():
+        loc = ".".join(str(p) for p in item["loc"])
+        parts.append(f"{loc}: {item['msg']}")
+    return "invalid LargeModel: " + "; ".join(parts)
+
+
+def admit(body: Obj) -> tuple[api.LargeModel | None, Plan | None, str]:
+    """Parse and plan the resource: (model, plan, "") or (model or None, None, why not)."""
+    try:
+        lm = api.LargeModel.from_manifest({k: v for k, v in body.items() if k != "status"})
+    except pydantic.ValidationError as err:
+        return None, None, _problem(err)
+    try:
+        return lm, plan_parallelism(lm.spec), ""
+    except PlanError as err:
+        return lm, None, str(err)
+
+
+def _contains(observed: Any, desired: Any) -> bool:
+    """Whether every field set in `desired` has the same value in `observed` (defaults ignored)."""
+    if isinstance(desired, Mapping):
+        return isinstance(observed, Mapping) and all(_contains(observed.get(k), v) for k, v in desired.items())
+    if isinstance(desired, list):
+        return (
+            isinstance(observed, list)
+            and len(observed) == len(desired)
+            and all(_contains(o, d) for o, d in zip(observed, desired, strict=True))
+        )
+    return bool(observed == desired)
+
+
+def _service_actions(desired: dict[str, Any], observed: Sequence[Obj]) -> tuple[list[Action], list[Event]]:
+    name = desired["metadata"]["name"]
+    current = next((s for s in observed if s.get("metadata", {}).get("name") == name), None)
+    if current is None:
+        return [Create(desired)], [Event("Normal", "CreatedService", f"Created Service {name}")]
+    owned = {"metadata": {"labels": desired["metadata"]["labels"]}, "spec": desired["spec"]}
+    if "ownerReferences" in desired["metadata"]:
+        owned["metadata"]["ownerReferences"] = desired["metadata"]["ownerReferences"]
+    if _contains(current, owned):
+        return [], []
+    return [Patch("v1", "Service", name, owned)], [Event("Normal", "UpdatedService", f"Updated Service {name}")]
+
+
+def _delete_group(view: GroupView) -> Delete:
+    return Delete("apps/v1", "StatefulSet", str(view.sts["metadata"]["name"]), view.uid)
+
+
+@dataclass
+class _Pass:
+    """Mutable scratch of one pass (kept local to `reconcile`)."""
+
+    lm: api.LargeModel
+    now: float
+    history: RestartHistory
+    actions: list[Action] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    states: dict[int, str] = field(default_factory=dict)
+    waits: list[float] = field(default_factory=list)
+    restarts: int = 0
+    down: list[int] = field(default_factory=list)
+
+    def warn(self, reason: str, message: str) -> None:
+        self.events.append(Event("Warning", reason, message))
+
+    def info(self, reason: str, message: str) -> None:
+        self.events.append(Event("Normal", reason, message))
+
+
+def _handle_broken(p: _Pass, view: GroupView) -> None:
+    policy = p.lm.spec.restart
+    decision = decide_restart(p.history.get(view.index), view.uid, policy, p.now)
+    p.history = p.history.with_group(view.index, decision.record)
+    p.actions.append(_delete_group(view))
+    if not decision.restart:
+        p.states[view.index] = "Down"
+        p.down.append(view.index)
+        if decision.counted:
+            p.warn(
+                "RestartBudgetExhausted",
+                f"group g{view.index}: {view.failure}; {policy.max_group_restarts} restarts within "
+                f"{policy.window_seconds}s used up, leaving the group down",
+            )
+        return
+    p.states[view.index] = "Restarting"
+    if decision.counted:
+        p.restarts += 1
+        wait = decision.record.not_before - p.now
+        p.warn(
+            "GroupFailed",
+            f"group g{view.index}: {view.failure}; recreating the whole group "
+            f"(restart {len(decision.record.times)}/{policy.max_group_restarts} in {policy.window_seconds}s, "
+            f"starting again in {wait:.0f}s)",
+        )
+
+
+def _start_missing(p: _Pass, index: int, plan: Plan, revision: str) -> None:
+    policy = p.lm.spec.restart
+    record = p.history.get(index)
+    allowed, updated, wait = may_start(record, policy, p.now)
+    if updated != record:
+        p.history = p.history.with_group(index, updated)
+    if not allowed:
+        p.states[index] = "Down" if record.down else "Restarting"
+        if record.down:
+            p.down.append(index)
+        if wait is not None:
+            p.waits.append(wait)
+        return
+    sts = build_group_statefulset(p.lm, plan, index, revision)
+    p.actions.append(Create(sts))
+    p.states[index] = "Starting"
+    again = " again" if record.total or record.down else ""
+    p.info(
+        "CreatedGroup",
+        f"Starting group g{index}{again} as StatefulSet {sts['metadata']['name']}: {plan.pp} pod(s) x "
+        f"{plan.tp} GPU(s), revision {revision}",
+    )
+
+
+def _roll_out(p: _Pass, views: dict[int, GroupView], revision: str, replicas: int) -> None:
+    outdated = [v for i, v in views.items() if i < replicas and not v.terminating and v.revision != revision]
+    unavailable = sum(1 for i in range(replicas) if p.states.get(i) != "Ready")
+    budget = p.lm.spec.rollout.max_unavailable_groups - unavailable
+    for view in sorted(outdated, key=lambda v: -v.index):
+        if view.ready:
+            if budget <= 0:
+                continue
+            budget -= 1
+        p.actions.append(_delete_group(view))
+        p.history = p.history.with_group(view.index, None)
+        p.states[view.index] = "Updating"
+        p.info("RollingGroup", f"Recreating group g{view.index} for revision {revision} (was {view.revision})")
+
+
+def _groups(p: _Pass, plan: Plan, revision: str, views: dict[int, GroupView]) -> None:
+    replicas = p.lm.spec.replicas
+    for index in sorted((i for i in views if i >= replicas), reverse=True):
+        view = views[index]
+        p.history = p.history.with_group(index, None)
+        if not view.terminating:
+            p.actions.append(_delete_group(view))
+            p.info("DeletedGroup", f"Removing group g{index}: spec.replicas is {replicas}")
+    for index in range(replicas):
+        view = views.get(index)
+        if view is None:
+            _start_missing(p, index, plan, revision)
+        elif view.terminating:
+            p.states[index] = "Terminating"
+        elif view.failure and view.revision == revision:
+            _handle_broken(p, view)
+        else:
+            p.states[index] = "Ready" if view.ready else "Starting"
+            if view.complete and not view.members:
+                patch = {"metadata": {"annotations": {MEMBERS_ANNOTATION: view.member_value()}}}
+                p.actions.append(Patch("apps/v1", "StatefulSet", group_name(p.lm.metadata.name, index), patch))
+    _roll_out(p, views, revision, replicas)
+
+
+def _group_status(p: _Pass, views: dict[int, GroupView], revision: str) -> list[dict[str, Any]]:
+    out = []
+    for index in range(p.lm.spec.replicas):
+        view = views.get(index)
+        state = p.states.get(index, "Pending")
+        out.append(
+            {
+                "index": index,
+                "ready": state == "Ready",
+                "restarts": p.history.get(index).total,
+                "revision": view.revision if view is not None and state not in ("Updating",) else revision,
+                "state": state,
+            }
+        )
+    return out
+
+
+def _valid_status(
+    p: _Pass, plan: Plan, revision: str, views: dict[int, GroupView], old: Obj, now: datetime.datetime
+) -> tuple[dict[str, Any], list[Event]]:
+    lm, replicas = p.lm, p.lm.spec.replicas
+    ready = sum(1 for i in range(replicas) if p.states.get(i) == "Ready")
+    current = sum(
+        1 for i in range(replicas) if p.states.get(i) == "Ready" and views[i].revision == revision
+    )
+    extra = any(i >= replicas for i in views)
+    done = current == replicas and not extra
+    outdated = any(v.revision != revision for i, v in views.items() if i < replicas)
+    restarting = any(s in ("Restarting", "Terminating") for s in p.states.values())
+    reason = (
+        "RestartBudgetExhausted" if p.down and not outdated else "Restarting" if restarting
+        else "RollingOut" if outdated else "Scaling" if extra else "Creating"
+    )
+    progress = f"{current}/{replicas} groups ready at revision {revision}"
+    admitted = f"tp={plan.tp} pp={plan.pp}: {plan.gpus_per_group} GPUs per group, {replicas} group(s)"
+    conds = [
+        Cond("Admitted", True, "Planned", admitted),
+        Cond("Progressing", not done and reason != "RestartBudgetExhausted", "Complete" if done else reason, progress),
+        Cond("Ready", ready == replicas, "GroupsReady" if ready == replicas else "GroupsNotReady",
+             f"{ready}/{replicas} groups ready"),
+        Cond("Degraded", bool(p.down), "RestartBudgetExhausted" if p.down else "AsExpected",
+             f"group(s) {', '.join(f'g{i}' for i in sorted(set(p.down)))} left down after exhausting "
+             "the restart budget" if p.down else "no group is left down"),
+    ]
+    old_conds = old.get("conditions") or []
+    events = []
+    if conditions.flipped(old_conds, "Admitted", True):
+        events.append(Event("Normal", "Planned", admitted))
+    if replicas and conditions.flipped(old_conds, "Ready", True) and ready == replicas:
+        events.append(Event("Normal", "Ready", f"all {replicas} group(s) ready"))
+    any_group = bool(views) or any(isinstance(a, Create) and a.obj.get("kind") == "StatefulSet" for a in p.actions)
+    phase = (
+        "Degraded" if p.down else "Ready" if done else "Deploying" if any_group or not replicas else "Pending"
+    )
+    status = {
+        "phase": phase,
+        "observedGeneration": lm.metadata.generation,
+        "conditions": conditions.render(old_conds, conds, lm.metadata.generation, now),
+        "plan": plan.to_status().model_dump(mode="json", by_alias=True),
+        "replicas": sum(1 for v in views.values() if not v.terminating),
+        "readyReplicas": ready,
+        "selector": ",".join(f"{k}={v}" for k, v in selector_labels(lm).items()),
+        "groups": _group_status(p, views, revision),
+        "endpoint": endpoint(lm),
+        "revision": revision,
+    }
+    return status, events
+
+
+def _invalid(body: Obj, why: str, observed: Observed, now: datetime.datetime) -> tuple[dict[str, Any], list[Event]]:
+    meta = body.get("metadata") or {}
+    generation = int(meta.get("generation") or 0)
+    old = body.get("status") or {}
+    old_conds = old.get("conditions") or []
+    views = observe_groups(str(meta.get("name", "")), observed.statefulsets, observed.pods)
+    ready = sum(1 for v in views.values() if v.ready)
+    conds = [
+        Cond("Admitted", False, "InvalidSpec", why),
+        Cond("Progressing", False, "InvalidSpec", "fix the spec; nothing is created or changed until then"),
+        Cond("Ready", bool(views) and ready == len(views), "LastValidSpec" if views else "InvalidSpec",
+             f"{ready}/{len(views)} groups of the last valid spec ready"),
+        Cond("Degraded", False, "AsExpected", "no group is left down"),
+    ]
+    status = {
+        **{k: v for k, v in old.items() if k in ("plan", "selector", "endpoint", "revision", "groups")},
+        "phase": "Failed",
+        "observedGeneration": generation,
+        "conditions": conditions.render(old_conds, conds, generation, now),
+        "replicas": sum(1 for v in views.values() if not v.terminating),
+        "readyReplicas": ready,
+    }
+    events = [Event("Warning", "InvalidSpec", why)] if conditions.flipped(old_conds, "Admitted", False, why) else []
+    return status, events
+
+
+def _changed(old: Obj, new: dict[str, Any]) -> dict[str, Any] | None:
+    """The status merge patch: the whole new status, keys we no longer set removed; None if equal."""
+    stale = {k: None for k in old if k not in new}
+    if not stale and all(old.get(k) == v for k, v in new.items()):
+        return None
+    return {**new, **stale}
+
+
+def reconcile(body: Obj, observed: Observed, now: datetime.datetime) -> Result:
+    """Decide one pass for the LargeModel `body` given its observed children at time `now`."""
+    meta = body.get("metadata") or {}
+    if meta.get("deletionTimestamp"):
+        return Result()  # garbage collection removes the children; nothing to decide
+    old_status = body.get("status") or {}
+    lm, plan, why = admit(body)
+    if lm is None or plan is None:
+        status, events = _invalid(body, why, observed, now)
+        return Result(events=tuple(events), status=_changed(old_status, status))
+
+    revision = template_revision(lm, plan)
+    annotations = meta.get("annotations") or {}
+    p = _Pass(lm=lm, now=now.timestamp(), history=load_history(annotations, revision))
+    for desired in (build_ranks_service(lm), build_client_service(lm)):
+        actions, events = _service_actions(desired, observed.services)
+        p.actions.extend(actions)
+        p.events.extend(events)
+    views = observe_groups(lm.metadata.name, observed.statefulsets, observed.pods)
+    _groups(p, plan, revision, views)
+    status, events = _valid_status(p, plan, revision, views, old_status, now)
+
+    stored = dump_history(p.history) if p.history.groups else None
+    annotation_patch = None if annotations.get(RESTARTS_ANNOTATION) == stored else {RESTARTS_ANNOTATION: stored}
+    states: dict[str, int] = {}
+    for state in p.states.values():
+        states[state] = states.get(state, 0) + 1
+    waits = [w for w in p.waits if w > 0]
+    for index in p.down:  # a group left down comes back when its oldest restart leaves the window
+        recent = in_window(p.history.get(index), lm.spec.restart, p.now)
+        if recent:
+            waits.append(min(recent) + lm.spec.restart.window_seconds - p.now)
+    return Result(
+        actions=tuple(p.actions),
+        events=tuple([*p.events, *events]),
+        status=_changed(old_status, status),
+        annotations=annotation_patch,
+        requeue_after=min(waits) if waits else None,
+        group_states=states,
+        restarts=p.restarts,
+    )
