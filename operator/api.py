@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 GROUP = "serving.largemodel.io"
 VERSION = "v1alpha1"
@@ -62,6 +62,13 @@ class Architecture(_Spec):
             ),
         ),
     )
+
+    @model_validator(mode="after")
+    def _kv_heads_divide_heads(self) -> Architecture:
+        # Mirrors the CEL rule above so files checked by the CLI fail the same way.
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("numAttentionHeads must be a multiple of numKeyValueHeads")
+        return self
 
     @property
     def kv_head_dim(self) -> int:
@@ -140,6 +147,15 @@ class Serving(_Spec):
             ),
         ),
     )
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Serving:
+        # Mirrors the CEL rules above so files checked by the CLI fail the same way.
+        if self.http_port == self.grpc_port:
+            raise ValueError("serving.httpPort and serving.grpcPort must differ")
+        if self.metrics_port in (self.http_port, self.grpc_port):
+            raise ValueError("serving.metricsPort must differ from httpPort and grpcPort")
+        return self
 
 
 class Toleration(_Spec):

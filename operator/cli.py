@@ -43,6 +43,7 @@ def describe_validation_error(err: ValidationError) -> str:
     for item in err.errors():
         loc = _clean_loc(item["loc"])
         msg = "unknown field" if item["type"] == "extra_forbidden" else item["msg"]
+        msg = msg.removeprefix("Value error, ")
         msg = msg[0].lower() + msg[1:] if msg else msg
         by_loc.setdefault(loc, [])
         if msg not in by_loc[loc]:
