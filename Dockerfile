@@ -9,16 +9,12 @@ FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cd
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-RUN pip install grpcio-tools==1.85.1 setuptools==84.2.1 wheel==0.48.0
+RUN pip install setuptools==84.2.1 wheel==0.48.0
 COPY pyproject.toml README.md ./
 COPY src/ src/
 COPY operator/ operator/
 COPY runtime/ runtime/
-# Stubs are generated, never committed: they must match the grpcio the image installs.
-RUN if ls runtime/*.proto >/dev/null 2>&1; then \
-      python -m grpc_tools.protoc -Iruntime --python_out=runtime --grpc_python_out=runtime runtime/*.proto; \
-    fi \
- && pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
+RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
 
 # ---- operator: only the operator's dependencies (kopf, pydantic, PyYAML, prometheus-client) ----
 FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1 AS operator
@@ -48,9 +44,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp \
     METRICS_PORT=9100
-# The base's CUDA torch satisfies the runtime extra (torch>=2.4,<2.15), so pip keeps it.
+# The base's CUDA torch satisfies the runtime extra (torch>=2.4,<2.15), so pip keeps it. DeepSpeed
+# (spec.engine: deepspeed) builds from its sdist against that torch, ops left to JIT: no compiler.
+# runtime/grpc_server.py compiles largemodel.proto with grpc_tools on first use, into the temp dir
+# (the pod's /tmp emptyDir, since the root filesystem is read-only): the image ships grpcio-tools
+# (a Python wheel with its own protoc, no compiler) at the version the dev extra tests with.
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    pip install "largemodel[runtime] @ file:///wheels/largemodel-${LARGEMODEL_VERSION}-py3-none-any.whl" \
+    DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8 \
+ && pip install "largemodel[runtime,deepspeed] @ file:///wheels/largemodel-${LARGEMODEL_VERSION}-py3-none-any.whl" \
+      grpcio-tools==1.85.1 \
  && (getent passwd 1000 >/dev/null || useradd --uid 1000 --user-group --home-dir /tmp --no-create-home --shell /usr/sbin/nologin largemodel)
 # The operator's rank pods run as 1000 with /tmp and /dev/shm as their only writable paths.
 USER 1000:1000
