@@ -17,7 +17,6 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -145,7 +144,7 @@ def _installed_requirements(stage: Stage) -> tuple[set[str], set[str]]:
     match = re.search(r'"largemodel(?:\[([\w,]+)\])? @ file://', commands)
     assert match, f"stage {stage.name} installs the largemodel wheel"
     extras = set(match[1].split(",")) if match[1] else set()
-    pinned = {canonicalize_name(name) for name in re.findall(r"\s([A-Za-z0-9_.-]+)==[\w.]+", commands)}
+    pinned = {str(canonicalize_name(name)) for name in re.findall(r"\s([A-Za-z0-9_.-]+)==[\w.]+", commands)}
     return extras, pinned
 
 
@@ -155,8 +154,7 @@ def _closure(roots: list[Requirement], extras_of_root: set[str]) -> set[str]:
     stack = [(req, extras_of_root) for req in roots]
     while stack:
         req, extras = stack.pop()
-        env = {**default_environment(), "extra": ""}
-        if req.marker and not any(req.marker.evaluate({**env, "extra": e}) for e in extras | {""}):
+        if req.marker and not any(req.marker.evaluate({"extra": e}) for e in extras | {""}):
             continue
         name = canonicalize_name(req.name)
         if name in seen:
