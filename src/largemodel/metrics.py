@@ -104,3 +104,12 @@ QUEUE_CAPACITY = Gauge(
     PREFIX + "queue_capacity", "Requests that may wait before new ones get 429 (serving.maxQueue).",
     multiprocess_mode="livemax",
 )
+
+# Appended by the operator team (issue 4): API requests of the reconcile loop, by verb and resource,
+# so writes per reconcile are measurable (a steady state must show no write verbs).
+OPERATOR_API_REQUESTS = Counter(
+    PREFIX + "operator_api_requests_total", "Kubernetes API requests the reconcile loop made.", ["verb", "resource"]
+)
+OPERATOR_RECONCILES = Counter(
+    PREFIX + "operator_reconciles_total", "Reconcile passes by result (ok, retry, error).", ["result"]
+)

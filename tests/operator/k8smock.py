@@ -93,12 +93,14 @@ class K8sMock(kmock.KubernetesEmulator):
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
 
     def declare(
-        self, resource: str, kind: str, *, namespaced: bool = True, subresources: tuple[str, ...] = ()
+        self, resource: str, kind: str, *, namespaced: bool = True, subresources: tuple[str, ...] = (),
+        shortnames: tuple[str, ...] = (),
     ) -> None:
         """Declare a served resource ('group/version/plural' or 'v1/plural') for discovery."""
         verbs = ["get", "list", "watch", "create", "update", "patch", "delete"]
         self.resources[resource] = kmock.ResourceInfo(
-            kind=kind, namespaced=namespaced, verbs=verbs, subresources=set(subresources)
+            kind=kind, singular=kind.lower(), namespaced=namespaced, verbs=verbs, subresources=set(subresources),
+            shortnames=set(shortnames),
         )
 
     # -- request routing -------------------------------------------------------------------

@@ -113,7 +113,7 @@ def apps_path(plural: str, namespace: str, name: str = "") -> str:
 
 def declare_resources(mock: K8sMock, namespaces: list[str]) -> None:
     """Serve what the operator and kubectl use, with the subresources a real server has."""
-    mock.declare(LM_RESOURCE, api.KIND, subresources=("status", "scale"))
+    mock.declare(LM_RESOURCE, api.KIND, subresources=("status", "scale"), shortnames=tuple(api.SHORT_NAMES))
     mock.declare("apps/v1/statefulsets", "StatefulSet", subresources=("status", "scale"))
     mock.declare("v1/pods", "Pod", subresources=("status",))
     mock.declare("v1/services", "Service", subresources=("status",))

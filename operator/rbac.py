@@ -1,0 +1,54 @@
+"""The exact Kubernetes API permissions the operator uses, as data.
+
+The Helm chart grants exactly RULES (its test compares them), and the operator's end-to-end
+tests record every request the operator makes to the mock API server and fail if one falls
+outside RULES. Namespaced installs grant them with a Role per watched namespace, cluster-wide
+installs with a ClusterRole. Nothing is ever updated with PUT: every write is a create, a JSON
+merge patch or a delete.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from largemodel.operator import api
+
+RULES: list[dict[str, Any]] = [
+    # get: each reconcile pass reads the LargeModel fresh. list/watch: kopf's watch stream that
+    # starts a daemon per LargeModel and wakes it. patch: kopf adds/removes its finalizer (so a
+    # daemon stops before its object goes) and the operator writes the restart-history annotation.
+    {"apiGroups": [api.GROUP], "resources": [api.PLURAL], "verbs": ["get", "list", "watch", "patch"]},
+    # patch: status is written once per pass, only when it changed.
+    {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "verbs": ["patch"]},
+    # list/watch: observe the group StatefulSets (by name label) and wake on their changes.
+    # create: start a group. patch: record the group's member pods once. delete: recreate a broken
+    # or outdated group, remove groups on scale-down.
+    {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["list", "watch", "create", "patch", "delete"]},
+    # list/watch: the ranks and client Services; create when missing, patch back a drifted field.
+    {"apiGroups": [""], "resources": ["services"], "verbs": ["list", "watch", "create", "patch"]},
+    # list/watch: pod health decides group health (failed, restarted, deleted, Ready). Pods are
+    # never written: a group is recreated by deleting its StatefulSet.
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
+    # create: an Event for every decision a user would want to see (kopf posts them).
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+]
+
+
+def allowed(group: str, resource: str, verb: str) -> bool:
+    """Whether RULES grant `verb` on `resource` (plural, optionally "/subresource") in `group`."""
+    return any(
+        group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"] for rule in RULES
+    )
+
+
+def role(name: str, namespace: str | None = None) -> dict[str, Any]:
+    """A Role (namespaced) or ClusterRole (namespace None) granting exactly RULES."""
+    meta: dict[str, Any] = {"name": name}
+    if namespace is not None:
+        meta["namespace"] = namespace
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole" if namespace is None else "Role",
+        "metadata": meta,
+        "rules": [{k: list(v) for k, v in rule.items()} for rule in RULES],
+    }
