@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,12 @@ class InputError(ValueError):
     """A user's file is missing or wrong; the message is one line that names the problem."""
 
 
+# Union branches show up in error locations as tags like "constrained-int" or "literal['auto']".
+_UNION_TAG = re.compile(r"^(constrained-\w+|literal\[.*\]|function-\w+\[.*\]|int|str|float|bool)$")
+
+
 def _clean_loc(loc: tuple[int | str, ...]) -> str:
-    # Union branches show up in error locations as tags like "constrained-int" or "literal['auto']".
-    parts = [str(p) for p in loc if not (isinstance(p, str) and ("[" in p or "-" in p or p in {"int", "str"}))]
+    parts = [str(p) for p in loc if not (isinstance(p, str) and _UNION_TAG.match(p))]
     return ".".join(parts) or "(document)"
 
 
