@@ -28,8 +28,8 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install "largemodel @ file:///wheels/largemodel-${LARGEMODEL_VERSION}-py3-none-any.whl" \
  && useradd --uid 10001 --user-group --home-dir /tmp --no-create-home --shell /usr/sbin/nologin largemodel
 USER 10001:10001
-# health (/healthz) and metrics (/metrics); the chart passes the same ports.
-EXPOSE 8080 9090
+# /healthz and /metrics share the operator's --metrics-port (default 8080, as the chart sets it).
+EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=4)"]
 ENTRYPOINT ["largemodel"]

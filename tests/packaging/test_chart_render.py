@@ -277,6 +277,19 @@ def test_watch_scope_reaches_the_operator_arguments() -> None:
     assert [a for a in release_only["args"] if a.startswith("--namespace")] == [f"--namespace={NAMESPACE}"]
 
 
+def test_operator_accepts_the_arguments_the_chart_passes(config: str) -> None:
+    from largemodel.operator.runner import parse_args
+
+    (container,) = _deployment(CONFIGS[config])["spec"]["template"]["spec"]["containers"]
+    assert container["command"] == ["largemodel"] and container["args"][0] == "operator"
+    args = parse_args(container["args"][1:])
+    assert args.all_namespaces == (config != "namespaced")
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["metrics"] == args.metrics_port
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+
+
 def test_image_reference_follows_values() -> None:
     image = _deployment({})["spec"]["template"]["spec"]["containers"][0]["image"]
     with helm_python.Chart.load(CHART_DIR) as chart:

@@ -12,9 +12,10 @@ BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),
     ({"image": {"digest": "sha256:abc"}}, "/image/digest"),
     ({"image": {"repository": ""}}, "/image/repository"),
-    ({"operator": {"healthPort": 70000}}, "/operator/healthPort"),
+    ({"operator": {"metricsPort": 70000}}, "/operator/metricsPort"),
     ({"operator": {"metricsPort": "9090"}}, "/operator/metricsPort"),
-    ({"operator": {"logLevel": "chatty"}}, "/operator/logLevel"),
+    ({"operator": {"verbose": "yes"}}, "/operator/verbose"),
+    ({"operator": {"resyncSeconds": 0}}, "/operator/resyncSeconds"),
     ({"operator": {"resources": {"requests": {"cpu": "lots", "memory": "1Gi"}}}}, "/operator/resources/requests/cpu"),
     ({"operator": {"resources": {"limits": {"gpu": 1}}}}, "/operator/resources/limits"),
     ({"watch": {"allNamespaces": True, "namespaces": ["team-a"]}}, "/watch/namespaces"),
@@ -48,7 +49,7 @@ def test_defaults_and_overrides_pass_the_schema() -> None:
         "imagePullSecrets": [{"name": "registry-creds"}],
         "watch": {"allNamespaces": False, "namespaces": ["ml-prod"]},
         "serviceAccount": {"create": False, "name": "existing-operator"},
-        "operator": {"logLevel": "DEBUG", "resources": {"requests": {"cpu": 0.5, "memory": "256Mi"},
+        "operator": {"verbose": True, "resyncSeconds": 30, "resources": {"requests": {"cpu": 0.5, "memory": "256Mi"},
                                                         "limits": {"cpu": 2, "memory": "1Gi"}},
                      "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
                      "nodeSelector": {"kubernetes.io/os": "linux"}},
@@ -60,12 +61,9 @@ def test_defaults_and_overrides_pass_the_schema() -> None:
     pod = deployment["spec"]["template"]["spec"]
     assert pod["serviceAccountName"] == "existing-operator"
     assert pod["containers"][0]["image"] == "registry.example.com:5000/ml/largemodel-operator:0.2.0-rc.1"
-    assert "--log-level=DEBUG" in pod["containers"][0]["args"]
+    args = pod["containers"][0]["args"]
+    assert "--verbose" in args and "--resync-seconds=30" in args
     (binding,) = by_kind(objects, "RoleBinding")
     assert binding["metadata"]["namespace"] == "ml-prod"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "existing-operator", "namespace": NAMESPACE}]
 
-
-def test_equal_health_and_metrics_ports_are_refused() -> None:
-    with pytest.raises(helm_python.HelmError, match="operator.healthPort and operator.metricsPort must differ"):
-        render({"operator": {"healthPort": 9090, "metricsPort": 9090}})

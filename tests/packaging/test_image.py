@@ -7,6 +7,7 @@ read the Dockerfile the way a reviewer would and check it against the package's 
 from __future__ import annotations
 
 import ast
+import json
 import re
 import shutil
 import subprocess
@@ -126,6 +127,18 @@ def test_runtime_healthcheck_and_ports_match_the_env_contract() -> None:
     assert runtime.all("CMD") == ['["rank"]']
     exposed = {int(p) for args in runtime.all("EXPOSE") for p in args.split()}
     assert {8000, 9000, envcontract.DEFAULT_METRICS_PORT, envcontract.DEFAULT_MASTER_PORT} <= exposed
+
+
+def test_operator_image_command_is_one_the_operator_accepts() -> None:
+    from largemodel.operator.runner import parse_args
+
+    operator = STAGES["operator"]
+    (cmd,) = operator.all("CMD")
+    argv = json.loads(cmd)
+    assert argv[0] == "operator"
+    args = parse_args(argv[1:])
+    assert f"127.0.0.1:{args.metrics_port}/healthz" in operator.all("HEALTHCHECK")[0]
+    assert operator.all("EXPOSE") == [str(args.metrics_port)]
 
 
 def test_dockerignore_keeps_what_the_wheel_stage_copies() -> None:

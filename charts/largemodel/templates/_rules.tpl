@@ -1,34 +1,35 @@
 {{/*
-The rules of largemodel.operator.rbac.RULES, one for one (tests/packaging/test_rbac.py fails when
-they differ). Each says why the operator needs it.
+The rules of largemodel.operator.rbac.RULES, one for one (tests/packaging/test_chart_rbac.py fails
+when they differ); operator/rbac.py says in detail why each verb is needed.
 */}}
 {{- define "largemodel.rules" -}}
-# Watch LargeModels and keep kopf's progress annotations and finalizer on them.
+# Read each LargeModel, watch them all; patch: kopf's finalizer and the restart-history annotation.
 - apiGroups: ["serving.largemodel.io"]
   resources: ["largemodels"]
   verbs: ["get", "list", "watch", "patch"]
-# Write phase, conditions, plan and group readiness.
+# Status is written once per reconcile pass, only when it changed.
 - apiGroups: ["serving.largemodel.io"]
   resources: ["largemodels/status"]
-  verbs: ["get", "patch"]
-# One StatefulSet per rank group: created, rolled by recreation, removed on scale down.
+  verbs: ["patch"]
+# One StatefulSet per rank group: created, recreated (delete) when broken or outdated, removed on
+# scale-down; patch records the group's member pods.
 - apiGroups: ["apps"]
   resources: ["statefulsets"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The headless ranks Service and the client Service.
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# The headless ranks Service and the client Service: created when missing, drift patched back.
 - apiGroups: [""]
   resources: ["services"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# Group health: a failed, deleted or restarted rank pod recreates its whole group.
+  verbs: ["list", "watch", "create", "patch"]
+# Pod health decides group health; pods are never written.
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["get", "list", "watch", "delete"]
-# Events for every decision a user wants to see.
+  verbs: ["list", "watch"]
+# An Event for every decision a user would want to see.
 - apiGroups: [""]
   resources: ["events"]
-  verbs: ["create", "patch"]
+  verbs: ["create"]
 {{- if .Values.rbac.readSecrets }}
-# Asked for by rbac.readSecrets (not needed by the operator itself).
+# Asked for by rbac.readSecrets: the operator itself never reads Secrets.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
