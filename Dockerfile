@@ -44,15 +44,17 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp \
     METRICS_PORT=9100
-# The base's CUDA torch satisfies the runtime extra (torch>=2.4,<2.15), so pip keeps it. DeepSpeed
-# (spec.engine: deepspeed) builds from its sdist against that torch, ops left to JIT: no compiler.
+# The base's CUDA torch satisfies the runtime extra (torch>=2.4,<2.15); naming its version keeps pip
+# from ever swapping it for another build while resolving the rest. DeepSpeed (spec.engine:
+# deepspeed) installs from its sdist against that torch with no ops prebuilt: AutoTP inference
+# needs none, so no compiler either.
 # runtime/grpc_server.py compiles largemodel.proto with grpc_tools on first use, into the temp dir
 # (the pod's /tmp emptyDir, since the root filesystem is read-only): the image ships grpcio-tools
 # (a Python wheel with its own protoc, no compiler) at the version the dev extra tests with.
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
-    DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8 \
+    DS_BUILD_OPS=0 pip install --no-build-isolation deepspeed==0.19.8 torch==2.8.0 \
  && pip install "largemodel[runtime,deepspeed] @ file:///wheels/largemodel-${LARGEMODEL_VERSION}-py3-none-any.whl" \
-      grpcio-tools==1.85.1 \
+      grpcio-tools==1.85.1 torch==2.8.0 \
  && (getent passwd 1000 >/dev/null || useradd --uid 1000 --user-group --home-dir /tmp --no-create-home --shell /usr/sbin/nologin largemodel)
 # The operator's rank pods run as 1000 with /tmp and /dev/shm as their only writable paths.
 USER 1000:1000

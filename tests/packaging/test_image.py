@@ -97,6 +97,8 @@ def test_runtime_base_torch_satisfies_the_runtime_extra() -> None:
     (torch_req,) = [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["runtime"]
                     if Requirement(r).name == "torch"]
     assert torch_version in torch_req.specifier, f"base torch {torch_version} outside {torch_req.specifier}"
+    # pip keeps the base's CUDA build only if the install names that very version.
+    assert f"torch=={torch_version}" in " ".join(STAGES["runtime"].all("RUN"))
     python = re.match(r"python:(\d+\.\d+)", STAGES["operator"].base)
     assert python and Version(python[1]) in SpecifierSet(PYPROJECT["project"]["requires-python"])
 
