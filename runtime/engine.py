@@ -1,0 +1,248 @@
+"""The Engine the scheduler drives on global rank 0, and the loop every other rank runs.
+
+`Engine.step` takes one batch of sequences (prefills and decodes mixed), splits it into
+micro-batches, pushes them through the pipeline one after another (stage 0 starts micro-batch
+m+1 while stage 1 runs m) and returns one sampled token per sequence. `submit`/`result` expose
+the same pipeline one micro-batch at a time, so a caller can keep several independent groups
+of sequences in flight across decode steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from largemodel.runtime.model import CausalLM
+from largemodel.runtime.parallel import DEFAULT_PG_TIMEOUT_S, PG_TIMEOUT_ENV, ParallelContext
+from largemodel.runtime.pipeline import (
+    KIND_NOOP,
+    KIND_SHUTDOWN,
+    KIND_STEP,
+    MicroBatch,
+    StageIO,
+    finish_last_stage,
+    run_stage,
+)
+from largemodel.runtime.sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick the next token: temperature 0 is greedy."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class SeqInput:
+    """New tokens of one sequence for one step; start_pos 0 starts a new sequence in `slot`."""
+
+    slot: int
+    tokens: list[int]
+    start_pos: int
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+class EngineError(ValueError):
+    """A step's input is invalid (slot, positions, token ids, sampling values); the message says which."""
+
+
+def split_micro_batches(batch: list[SeqInput], micro_batches: int) -> list[list[SeqInput]]:
+    """Contiguous, near-equal chunks of `batch`, at most `micro_batches` of them."""
+    count = max(1, min(micro_batches, len(batch)))
+    size, extra = divmod(len(batch), count)
+    chunks, start = [], 0
+    for i in range(count):
+        stop = start + size + (1 if i < extra else 0)
+        chunks.append(batch[start:stop])
+        start = stop
+    return chunks
+
+
+class Engine:
+    """Drives the rank group from global rank 0; the only object the serving layer talks to."""
+
+    def __init__(self, model: CausalLM, ctx: ParallelContext, *, micro_batches: int = 1,
+                 eos_token_ids: list[int] | None = None, heartbeat_s: float | None = None) -> None:
+        assert ctx.rank == 0, "the Engine lives on global rank 0; other ranks run worker_loop()"
+        self.model, self.ctx = model, ctx
+        self.max_batch_size, self.max_model_len = model.max_batch, model.max_len
+        self.vocab_size = model.config.vocab_size
+        self.micro_batches = max(1, micro_batches)
+        self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else model.config.eos_ids)
+        self._io = StageIO(ctx, model)
+        self._sampler = Sampler(self.max_batch_size) if ctx.pp == 1 else None
+        self._lock = threading.RLock()
+        self._next_ticket = self._next_receive = 0
+        self._in_flight: dict[int, MicroBatch] = {}
+        self._done: dict[int, tuple[list[int], Tensor | None]] = {}
+        self._last_activity = time.monotonic()
+        self._closed = False
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        if ctx.tp * ctx.pp > 1:
+            # Idle workers block in recv/broadcast, which time out with the process group:
+            # a NOOP through every stage well inside the timeout keeps an idle group alive.
+            timeout = float(os.environ.get(PG_TIMEOUT_ENV, DEFAULT_PG_TIMEOUT_S))
+            self._heartbeat_s = heartbeat_s or timeout / 4
+            self._heartbeat = threading.Thread(target=self._beat, name="engine-heartbeat", daemon=True)
+            self._heartbeat.start()
+
+    def validate(self, batch: list[SeqInput]) -> None:
+        """Raise EngineError unless every input fits the engine's limits."""
+        if not batch:
+            raise EngineError("batch is empty")
+        seen: set[int] = set()
+        for seq in batch:
+            if not 0 <= seq.slot < self.max_batch_size:
+                raise EngineError(f"slot {seq.slot} is outside 0..{self.max_batch_size - 1}")
+            if seq.slot in seen:
+                raise EngineError(f"slot {seq.slot} appears twice in one step")
+            seen.add(seq.slot)
+            if not seq.tokens:
+                raise EngineError(f"slot {seq.slot}: no tokens")
+            if seq.start_pos < 0 or seq.start_pos + len(seq.tokens) > self.max_model_len:
+                raise EngineError(f"slot {seq.slot}: positions {seq.start_pos}..{seq.start_pos + len(seq.tokens) - 1} "
+                                  f"exceed max_model_len={self.max_model_len}")
+            bad = [t for t in seq.tokens if not 0 <= t < self.vocab_size]
+            if bad:
+                raise EngineError(f"slot {seq.slot}: token ids {bad[:5]} outside the vocabulary 0..{self.vocab_size - 1}")
+            s = seq.sampling
+            if s.temperature < 0 or s.top_k < 0 or not 0.0 < s.top_p <= 1.0:
+                raise EngineError(f"slot {seq.slot}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, got {s}")
+
+    def step(self, batch: list[SeqInput]) -> list[int]:
+        """One next token per input, in input order; prefill and decode may mix."""
+        return self._step(batch, want_logits=False)[0]
+
+    def step_with_logits(self, batch: list[SeqInput]) -> tuple[list[int], Tensor]:
+        """Like step(), also returning the float32 logits [len(batch), vocab] the tokens came from."""
+        tokens, logits = self._step(batch, want_logits=True)
+        assert logits is not None
+        return tokens, logits
+
+    def _step(self, batch: list[SeqInput], want_logits: bool) -> tuple[list[int], Tensor | None]:
+        self.validate(batch)
+        with self._lock:
+            chunks = split_micro_batches(batch, self.micro_batches)
+            tickets = [self._submit(c, want_logits, i == 0, i == len(chunks) - 1) for i, c in enumerate(chunks)]
+            results = [self.result(t) for t in tickets]
+        tokens = [t for r in results for t in r[0]]
+        logits = torch.cat([r[1] for r in results if r[1] is not None]) if want_logits else None
+        return tokens, logits
+
+    def submit(self, batch: list[SeqInput]) -> int:
+        """Start one micro-batch through the pipeline without waiting; returns a ticket for result()."""
+        self.validate(batch)
+        with self._lock:
+            return self._submit(batch, False, True, True)
+
+    def _submit(self, batch: list[SeqInput], want_logits: bool, first: bool, last: bool) -> int:
+        if self._closed:
+            raise RuntimeError("engine is shut down")
+        mb = MicroBatch(
+            kind=KIND_STEP, slots=[s.slot for s in batch], start_pos=[s.start_pos for s in batch],
+            lengths=[len(s.tokens) for s in batch], tokens=[list(s.tokens) for s in batch],
+            top_k=[s.sampling.top_k for s in batch], seeds=[s.sampling.seed for s in batch],
+            temperature=[float(s.sampling.temperature) for s in batch], top_p=[float(s.sampling.top_p) for s in batch],
+            want_logits=want_logits, first_of_step=first, last_of_step=last,
+        )
+        ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+        began = time.perf_counter()
+        self._io.share_plan(mb)
+        out = run_stage(self.model, mb, None, self.ctx)
+        self._io.account(mb, began, time.perf_counter())
+        if self._sampler is not None:
+            done = finish_last_stage(self.ctx, self._sampler, mb, out, self._io)
+            assert done is not None
+            self._done[ticket] = done
+        else:
+            self._io.send_next(mb, out)
+            self._in_flight[ticket] = mb
+        self._last_activity = time.monotonic()
+        return ticket
+
+    def result(self, ticket: int) -> tuple[list[int], Tensor | None]:
+        """Tokens (and logits if asked) of a submitted micro-batch; waits for it to leave the pipeline."""
+        with self._lock:
+            while ticket not in self._done:
+                if self._next_receive not in self._in_flight:
+                    raise KeyError(f"unknown ticket {ticket}")
+                # The last stage answers in submission order, so receive in that order.
+                mb = self._in_flight.pop(self._next_receive)
+                src = self.ctx.stage_rank(self.ctx.pp - 1, 0)
+                tokens = self.ctx.recv(torch.empty(len(mb.slots), dtype=torch.int64, device=self.ctx.device), src)
+                logits = None
+                if mb.want_logits:
+                    logits = torch.empty(len(mb.slots), self.vocab_size, dtype=torch.float32, device=self.ctx.device)
+                    self.ctx.recv(logits, src)
+                self._done[self._next_receive] = (tokens.tolist(), logits)
+                self._next_receive += 1
+            self._last_activity = time.monotonic()
+            return self._done.pop(ticket)
+
+    def _send_control(self, kind: int) -> None:
+        mb = MicroBatch.control(kind)
+        self._io.share_plan(mb)
+        if self.ctx.pp > 1:
+            self._io.send_next(mb, None)
+        self._io.wait_sends()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self._heartbeat_s / 2):
+            with self._lock:
+                if self._closed:
+                    return
+                if time.monotonic() - self._last_activity >= self._heartbeat_s / 2:
+                    self._send_control(KIND_NOOP)
+                    self._last_activity = time.monotonic()
+
+    def shutdown(self) -> None:
+        """Finish what is in flight, then tell every rank to leave its loop. Idempotent."""
+        self._stop.set()
+        with self._lock:
+            if self._closed:
+                return
+            for ticket in sorted(self._in_flight):
+                self.result(ticket)
+            self._send_control(KIND_SHUTDOWN)
+            self._closed = True
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=5)
+        log.info("event=engine_shutdown rank=0")
+
+
+def worker_loop(model: CausalLM, ctx: ParallelContext) -> None:
+    """Every rank but global rank 0: run stage micro-batches as they come until SHUTDOWN."""
+    io = StageIO(ctx, model)
+    sampler = Sampler(model.max_batch) if model.last and ctx.tp_rank == 0 else None
+    log.info("event=worker_ready rank=%d stage=%d tp_rank=%d", ctx.rank, ctx.pp_rank, ctx.tp_rank)
+    while True:
+        mb, hidden = io.receive()
+        if mb.kind != KIND_STEP:
+            if not model.last:
+                io.send_next(mb, None)
+            if mb.kind == KIND_SHUTDOWN:
+                io.wait_sends()
+                log.info("event=worker_shutdown rank=%d", ctx.rank)
+                return
+            assert mb.kind == KIND_NOOP, f"unknown message kind {mb.kind}"
+            continue
+        began = time.perf_counter()
+        out = run_stage(model, mb, hidden, ctx)
+        io.account(mb, began, time.perf_counter())
+        if not model.last:
+            io.send_next(mb, out)
+        else:
+            finish_last_stage(ctx, sampler, mb, out, io)

@@ -1,0 +1,336 @@
+"""Llama-family decoder in plain PyTorch modules, with a static KV cache.
+
+Covers Llama 2/3, Mistral, Qwen2 and SmolLM: RMSNorm, RoPE (default, linear and llama3
+scaling), grouped-query attention, SwiGLU, tied or untied embeddings, optional q/k/v bias.
+Parameter names equal the Hugging Face checkpoint names, so a stage's state dict *is* the list
+of checkpoint tensors it must read. A model holds only the layers of one pipeline stage;
+tensor parallelism is applied afterwards by `largemodel.runtime.parallel`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor, nn
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ModelConfigError(ValueError):
+    """config.json describes a model this runtime cannot serve; the message says why."""
+
+
+class ModelConfig(BaseModel):
+    """The fields of a Hugging Face config.json the decoder needs (unknown fields are ignored)."""
+
+    model_config = ConfigDict(extra="ignore", protected_namespaces=())
+
+    model_type: str = "llama"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float | None = None
+    rope_parameters: dict[str, Any] | None = None
+    rope_scaling: dict[str, Any] | None = None
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 2048
+    hidden_act: str = "silu"
+    eos_token_id: int | list[int] | None = None
+    use_sliding_window: bool = False
+
+    @property
+    def kv_heads(self) -> int:
+        """KV heads (equal to attention heads when the config predates GQA)."""
+        return self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        """Per-head width; explicit `head_dim` wins over hidden_size / heads as in transformers."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Qwen2 always has q/k/v bias; Llama has it when attention_bias is set."""
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        """Llama's attention_bias also puts a bias on o_proj; Qwen2's o_proj has none."""
+        return self.model_type != "qwen2" and self.attention_bias
+
+    @property
+    def rope(self) -> dict[str, Any]:
+        """RoPE parameters in the transformers-5 shape, whichever spelling the config used."""
+        params = dict(self.rope_parameters or self.rope_scaling or {})
+        params.setdefault("rope_type", params.pop("type", "default"))
+        params.setdefault("rope_theta", self.rope_theta if self.rope_theta is not None else 10000.0)
+        return params
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """End-of-sequence token ids as a list."""
+        if self.eos_token_id is None:
+            return []
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    """Read and check `model_dir/config.json`; raise ModelConfigError with the reason."""
+    path = Path(model_dir) / "config.json"
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelConfigError(f"{path} does not exist: is the model directory right?") from None
+    except json.JSONDecodeError as exc:
+        raise ModelConfigError(f"{path} is not valid JSON: {exc}") from None
+    if "text_config" in raw and "vocab_size" not in raw:
+        raw = {**raw["text_config"], "model_type": raw["text_config"].get("model_type", raw.get("model_type"))}
+    try:
+        config = ModelConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelConfigError(f"{path}: {exc}") from None
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise ModelConfigError(f"model_type {config.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+    if config.hidden_act != "silu":
+        raise ModelConfigError(f"hidden_act {config.hidden_act!r} is not supported (SwiGLU needs 'silu')")
+    if config.use_sliding_window:
+        raise ModelConfigError("sliding-window attention is not supported")
+    if config.rope["rope_type"] not in SUPPORTED_ROPE_TYPES:
+        raise ModelConfigError(
+            f"rope type {config.rope['rope_type']!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+        )
+    if config.num_attention_heads % config.kv_heads:
+        raise ModelConfigError("num_attention_heads must be a multiple of num_key_value_heads")
+    return config
+
+
+def rope_inv_freq(config: ModelConfig) -> Tensor:
+    """Inverse frequencies exactly as transformers computes them (default, linear, llama3)."""
+    rope = config.rope
+    dim = config.head_size
+    base = float(rope["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+    kind = rope["rope_type"]
+    if kind == "linear":
+        return inv_freq / rope["factor"]
+    if kind == "llama3":
+        factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+        old_len = rope["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+@dataclass
+class BatchLayout:
+    """Where the tokens of one micro-batch sit: computed once, shared by every layer.
+
+    Inputs are padded to [B, T]; row b holds `lengths[b]` real tokens at positions
+    start_pos[b] .. start_pos[b]+lengths[b]-1 of KV-cache slot slots[b].
+    """
+
+    slots: Tensor
+    slot_range: slice | None  # slots as a slice when contiguous: cache reads become views
+    valid: Tensor | None  # [B, T] real-token mask; None when no row is padded
+    write_slot: Tensor  # [N] cache slot of each real token
+    write_pos: Tensor  # [N] cache position of each real token
+    kv_len: int
+    mask: Tensor | None  # [B, 1, T, kv_len] keys each query may see; None for one decode token
+    cos: Tensor  # [B, T, 1, head_dim]
+    sin: Tensor
+    last: Tensor  # [B] index of each row's last real token
+
+
+def make_layout(cos_table: Tensor, sin_table: Tensor, slots: Tensor, start_pos: Tensor, lengths: Tensor,
+                dtype: torch.dtype) -> BatchLayout:
+    """Positions, cache write indices, attention mask and RoPE angles of one micro-batch."""
+    batch, width = int(slots.shape[0]), int(lengths.max())
+    offsets = torch.arange(width, device=slots.device)
+    positions = start_pos[:, None] + offsets[None, :]
+    padded = bool((lengths != width).any())
+    valid = offsets[None, :] < lengths[:, None] if padded else None
+    if valid is None:
+        write_slot, write_pos = slots.repeat_interleave(width), positions.reshape(-1)
+    else:
+        write_slot, write_pos = slots[:, None].expand(batch, width)[valid], positions[valid]
+    kv_len = int((start_pos + lengths).max())
+    mask = None
+    if not (batch == 1 and width == 1):
+        keys = torch.arange(kv_len, device=slots.device)
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
+    first = int(slots[0])
+    contiguous = bool((slots == torch.arange(first, first + batch, device=slots.device)).all())
+    clamped = positions.clamp(max=cos_table.shape[0] - 1)  # padding may run past the table
+    return BatchLayout(
+        slots=slots, slot_range=slice(first, first + batch) if contiguous else None, valid=valid,
+        write_slot=write_slot, write_pos=write_pos, kv_len=kv_len, mask=mask,
+        cos=cos_table[clamped].to(dtype)[:, :, None, :], sin=sin_table[clamped].to(dtype)[:, :, None, :],
+        last=lengths - 1,
+    )
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """The rotate-half RoPE form Llama checkpoints are trained with."""
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as transformers does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query attention over a static per-slot KV cache."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.kv_heads, config.head_size
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=config.o_bias)
+        self.k_cache: Tensor | None = None
+        self.v_cache: Tensor | None = None
+
+    def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate this layer's cache once; nothing is allocated per step after this."""
+        shape = (max_batch, self.n_kv_heads, max_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+
+    def forward(self, x: Tensor, layout: BatchLayout) -> Tensor:
+        assert self.k_cache is not None and self.v_cache is not None, "setup_cache() first"
+        batch, width, _ = x.shape
+        q = self.q_proj(x).view(batch, width, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, width, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, width, self.n_kv_heads, self.head_dim)
+        q = q * layout.cos + rotate_half(q) * layout.sin
+        k = k * layout.cos + rotate_half(k) * layout.sin
+        new_k = k.flatten(0, 1) if layout.valid is None else k[layout.valid]
+        new_v = v.flatten(0, 1) if layout.valid is None else v[layout.valid]
+        self.k_cache[layout.write_slot, :, layout.write_pos] = new_k
+        self.v_cache[layout.write_slot, :, layout.write_pos] = new_v
+        if layout.slot_range is not None:
+            keys = self.k_cache[layout.slot_range, :, : layout.kv_len]
+            values = self.v_cache[layout.slot_range, :, : layout.kv_len]
+        else:
+            keys = self.k_cache[layout.slots, :, : layout.kv_len]
+            values = self.v_cache[layout.slots, :, : layout.kv_len]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys, values, attn_mask=layout.mask,
+            scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, width, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        hidden, inner = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention block followed by a pre-norm MLP block."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, layout: BatchLayout) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), layout)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Decoder(nn.Module):
+    """The layers of one pipeline stage, plus the embedding (first stage) and final norm (last)."""
+
+    def __init__(self, config: ModelConfig, layers: range, first: bool, last: bool) -> None:
+        super().__init__()
+        self.embed_tokens: nn.Module | None = nn.Embedding(config.vocab_size, config.hidden_size) if first else None
+        # Keys are global layer indices so parameter names match the checkpoint's.
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in layers})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if last else None
+
+
+class CausalLM(nn.Module):
+    """One pipeline stage of a Llama-family causal LM; parameter names match the checkpoint."""
+
+    def __init__(self, config: ModelConfig, layers: range, first: bool = True, last: bool = True) -> None:
+        super().__init__()
+        self.config, self.first, self.last = config, first, last
+        self.model = Decoder(config, layers, first, last)
+        self.lm_head: nn.Module | None = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if last else None
+        self.cos_table = torch.empty(0)
+        self.sin_table = torch.empty(0)
+        self.max_batch = self.max_len = 0
+
+    def setup_caches(self, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate every layer's KV cache and the RoPE tables for positions < max_len."""
+        self.max_batch, self.max_len = max_batch, max_len
+        for layer in self.model.layers.values():
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.setup_cache(max_batch, max_len, dtype, device)
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(self.config))
+        angles = torch.cat((freqs, freqs), dim=-1)
+        self.cos_table, self.sin_table = angles.cos().to(device), angles.sin().to(device)
+
+    def layout(self, slots: Tensor, start_pos: Tensor, lengths: Tensor, dtype: torch.dtype) -> BatchLayout:
+        """The BatchLayout of a micro-batch for this stage's caches."""
+        return make_layout(self.cos_table, self.sin_table, slots, start_pos, lengths, dtype)
+
+    def forward(self, x: Tensor, layout: BatchLayout) -> Tensor:
+        """Token ids [B, T] (first stage) or hidden states [B, T, D] in; hidden states out.
+
+        The last stage returns logits [B, vocab] of each row's last real token instead.
+        """
+        h = self.model.embed_tokens(x) if self.model.embed_tokens is not None else x
+        for layer in self.model.layers.values():
+            h = layer(h, layout)
+        if not self.last:
+            return h
+        assert self.model.norm is not None and self.lm_head is not None
+        last = h[torch.arange(h.shape[0], device=h.device), layout.last]
+        return self.lm_head(self.model.norm(last)).float()

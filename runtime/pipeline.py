@@ -1,0 +1,209 @@
+"""Pipeline stages: what travels between them and how one stage handles one micro-batch.
+
+The step plan travels *with* the activations: stage 0's TP ranks get it by a TP broadcast from
+global rank 0, each later stage receives (header, plan, hidden states) by point-to-point recv
+from the same TP rank of the stage before. Stages are therefore decoupled: stage 0 can start
+micro-batch m+1 while stage 1 still works on m, which is what lets several micro-batches of
+sequences be in flight in decode as well as in prefill. The last stage's TP rank 0 samples
+and sends the tokens back to global rank 0.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from largemodel import metrics
+from largemodel.runtime.model import CausalLM
+from largemodel.runtime.parallel import ParallelContext
+from largemodel.runtime.sampling import Sampler
+
+KIND_STEP, KIND_NOOP, KIND_SHUTDOWN = 0, 1, 2
+HEADER_LEN = 4  # kind, rows, width, flags
+FLAG_LOGITS, FLAG_FIRST, FLAG_LAST = 1, 2, 4  # return logits; first / last micro-batch of a step
+META_COLS = 7  # slot, start_pos, length, top_k, seed (-1: none), temperature bits, top_p bits
+
+
+def _float_bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def _bits_float(bits: int) -> float:
+    return struct.unpack("<d", struct.pack("<q", bits))[0]
+
+
+@dataclass
+class MicroBatch:
+    """One micro-batch of sequences as every stage sees it."""
+
+    kind: int
+    slots: list[int]
+    start_pos: list[int]
+    lengths: list[int]
+    tokens: list[list[int]]
+    top_k: list[int]
+    seeds: list[int | None]
+    temperature: list[float]
+    top_p: list[float]
+    want_logits: bool = False
+    first_of_step: bool = True
+    last_of_step: bool = True
+
+    @property
+    def width(self) -> int:
+        """Padded token width T of this micro-batch."""
+        return max(self.lengths, default=0)
+
+    @property
+    def phase(self) -> str:
+        """'prefill' when any row brings more than one token, else 'decode'."""
+        return "prefill" if self.width > 1 else "decode"
+
+    def encode(self) -> tuple[Tensor, Tensor]:
+        """(header, payload) int64 tensors; the payload's size follows from the header."""
+        rows, width = len(self.slots), self.width
+        flags = FLAG_LOGITS * self.want_logits + FLAG_FIRST * self.first_of_step + FLAG_LAST * self.last_of_step
+        header = torch.tensor([self.kind, rows, width, flags], dtype=torch.int64)
+        meta = [[self.slots[i], self.start_pos[i], self.lengths[i], self.top_k[i],
+                 -1 if self.seeds[i] is None else int(self.seeds[i] or 0),
+                 _float_bits(self.temperature[i]), _float_bits(self.top_p[i])] for i in range(rows)]
+        padded = [t + [0] * (width - len(t)) for t in self.tokens]
+        flat = [x for m in meta for x in m] + [x for t in padded for x in t]
+        return header, torch.tensor(flat, dtype=torch.int64)
+
+    @classmethod
+    def control(cls, kind: int) -> MicroBatch:
+        """An empty NOOP or SHUTDOWN message."""
+        return cls(kind, [], [], [], [], [], [], [], [])
+
+    @classmethod
+    def decode(cls, header: Tensor, payload: Tensor) -> MicroBatch:
+        """Inverse of encode()."""
+        kind, rows, width, flags = header.tolist()
+        values = payload.tolist()
+        meta = [values[i * META_COLS:(i + 1) * META_COLS] for i in range(rows)]
+        base = rows * META_COLS
+        tokens = [values[base + i * width: base + i * width + m[2]] for i, m in enumerate(meta)]
+        return cls(
+            kind=kind, slots=[m[0] for m in meta], start_pos=[m[1] for m in meta], lengths=[m[2] for m in meta],
+            tokens=tokens, top_k=[m[3] for m in meta], seeds=[None if m[4] < 0 else m[4] for m in meta],
+            temperature=[_bits_float(m[5]) for m in meta], top_p=[_bits_float(m[6]) for m in meta],
+            want_logits=bool(flags & FLAG_LOGITS), first_of_step=bool(flags & FLAG_FIRST),
+            last_of_step=bool(flags & FLAG_LAST),
+        )
+
+
+def payload_size(header: Tensor) -> int:
+    """Number of int64 values in the payload that follows `header`."""
+    _kind, rows, width, _ = header.tolist()
+    return rows * META_COLS + rows * width
+
+
+@dataclass
+class StageIO:
+    """Moves micro-batches in and out of one stage; keeps sends alive until they complete."""
+
+    ctx: ParallelContext
+    model: CausalLM
+    pending_sends: list[Any] = field(default_factory=list)
+    window_start: float = 0.0
+    busy: float = 0.0
+
+    def account(self, mb: MicroBatch, began: float, ended: float) -> None:
+        """Bubble bookkeeping: idle share of the window from a step's first micro-batch to its last."""
+        if mb.first_of_step:
+            self.window_start, self.busy = began, 0.0
+        self.busy += ended - began
+        if mb.last_of_step and ended > self.window_start:
+            metrics.PIPELINE_BUBBLE.set(max(0.0, 1.0 - self.busy / (ended - self.window_start)))
+
+    def receive(self) -> tuple[MicroBatch, Tensor | None]:
+        """Next micro-batch for this stage and, past stage 0, its incoming hidden states."""
+        ctx, device = self.ctx, self.ctx.device
+        header = torch.empty(HEADER_LEN, dtype=torch.int64, device=device)
+        prev = ctx.stage_rank(ctx.pp_rank - 1) if ctx.pp_rank > 0 else -1
+        if ctx.pp_rank == 0:
+            ctx.broadcast_tp(header)
+        else:
+            ctx.recv(header, prev)
+        payload = torch.empty(payload_size(header.cpu()), dtype=torch.int64, device=device)
+        if payload.numel():
+            if ctx.pp_rank == 0:
+                ctx.broadcast_tp(payload)
+            else:
+                ctx.recv(payload, prev)
+        mb = MicroBatch.decode(header.cpu(), payload.cpu())
+        hidden = None
+        if mb.kind == KIND_STEP and ctx.pp_rank > 0:
+            dtype = next(self.model.parameters()).dtype
+            hidden = torch.empty(len(mb.slots), mb.width, self.model.config.hidden_size, dtype=dtype, device=device)
+            ctx.recv(hidden, prev)
+        return mb, hidden
+
+    def share_plan(self, mb: MicroBatch) -> None:
+        """On stage 0's TP rank 0: give the plan to the other TP ranks of stage 0."""
+        header, payload = mb.encode()
+        self.ctx.broadcast_tp(header.to(self.ctx.device))
+        if payload.numel():
+            self.ctx.broadcast_tp(payload.to(self.ctx.device))
+
+    def send_next(self, mb: MicroBatch, hidden: Tensor | None) -> None:
+        """Pass the plan (and hidden states) on to the same TP rank of the next stage."""
+        self.wait_sends()
+        header, payload = mb.encode()
+        dst = self.ctx.stage_rank(self.ctx.pp_rank + 1)
+        tensors = [header, payload] if payload.numel() else [header]
+        tensors = [t.to(self.ctx.device) for t in tensors] + ([hidden.contiguous()] if hidden is not None else [])
+        # Keep each tensor referenced with its work: gloo reads it after isend returns.
+        self.pending_sends = [(self.ctx.send(t, dst), t) for t in tensors]
+
+    def wait_sends(self) -> None:
+        """Block until every earlier send has left."""
+        for work, _tensor in self.pending_sends:
+            work.wait()
+        self.pending_sends = []
+
+
+def run_stage(model: CausalLM, mb: MicroBatch, hidden: Tensor | None, ctx: ParallelContext) -> Tensor:
+    """This stage's forward over one micro-batch: hidden states, or logits on the last stage."""
+    began, device = time.perf_counter(), ctx.device
+    slots = torch.tensor(mb.slots, dtype=torch.int64, device=device)
+    start = torch.tensor(mb.start_pos, dtype=torch.int64, device=device)
+    lengths = torch.tensor(mb.lengths, dtype=torch.int64, device=device)
+    dtype = next(model.parameters()).dtype
+    if hidden is None:
+        width = mb.width
+        x = torch.tensor([t + [0] * (width - len(t)) for t in mb.tokens], dtype=torch.int64, device=device)
+    else:
+        x = hidden
+    with torch.inference_mode():
+        out = model(x, model.layout(slots, start, lengths, dtype))
+    metrics.STAGE_STEP_SECONDS.labels(stage=str(ctx.pp_rank), phase=mb.phase).observe(time.perf_counter() - began)
+    return out
+
+
+def finish_last_stage(ctx: ParallelContext, sampler: Sampler | None, mb: MicroBatch, logits: Tensor,
+                      io: StageIO) -> tuple[list[int], Tensor | None] | None:
+    """Sample on the last stage's TP rank 0; send the tokens (and logits if asked) to rank 0.
+
+    Returns (tokens, logits) when this rank is global rank 0 itself (pp == 1), else None.
+    """
+    if ctx.tp_rank != 0 or sampler is None:
+        return None
+    for slot, start, seed in zip(mb.slots, mb.start_pos, mb.seeds, strict=True):
+        if start == 0:
+            sampler.reset(slot, seed)
+    tokens = sampler.sample(logits, mb.slots, mb.temperature, mb.top_k, mb.top_p)
+    if ctx.rank == 0:
+        return tokens, logits if mb.want_logits else None
+    io.wait_sends()
+    out = [torch.tensor(tokens, dtype=torch.int64, device=ctx.device)]
+    if mb.want_logits:
+        out.append(logits.float().contiguous())
+    io.pending_sends = [(ctx.send(t, 0), t) for t in out]
+    return None

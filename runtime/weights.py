@@ -1,0 +1,119 @@
+"""Build one rank's shard of the model and fill it from safetensors, reading only that shard.
+
+The stage model is built on the meta device, cut by `apply_tensor_parallel`, then allocated
+at shard size; each tensor is read with `safe_open(...).get_slice` for just this rank's rows or
+columns. Files are opened per tensor so the pages mapped for one tensor are released before the
+next: peak memory stays near the shard, never the whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from largemodel.partition import stage_layer_range
+from largemodel.runtime.model import CausalLM, ModelConfig, ModelConfigError, load_config
+from largemodel.runtime.parallel import ParallelContext, Shard, apply_tensor_parallel
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+PROGRESS_EVERY_S = 5.0
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """torch dtype for a MODEL_DTYPE value; ValueError listing the accepted names otherwise."""
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"dtype {name!r} is not supported; use one of {sorted(DTYPES)}") from None
+
+
+def checkpoint_index(model_dir: Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file that holds it."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelConfigError(f"no *.safetensors files in {model_dir}")
+    names: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names.update({name: file for name in f.keys()})  # noqa: SIM118 - safe_open is not a dict
+    return names
+
+
+def read_shard(file: Path, name: str, shard: Shard | None) -> Tensor:
+    """Read tensor `name`'s slice `shard` (the whole tensor when None) from `file`."""
+    with safe_open(str(file), framework="pt") as f:
+        view = f.get_slice(name)
+        if shard is None:
+            return view[:]
+        size = view.get_shape()[shard.dim]
+        stop = min(shard.stop, size)
+        part = view[shard.start:stop] if shard.dim == 0 else view[:, shard.start:stop]
+    if stop - shard.start < shard.stop - shard.start:  # vocab padding: zero rows past the real vocab
+        pad = list(part.shape)
+        pad[shard.dim] = shard.stop - max(stop, shard.start)
+        part = torch.cat([part, part.new_zeros(pad)], dim=shard.dim)
+    return part
+
+
+def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
+                max_batch: int, max_len: int) -> tuple[CausalLM, float]:
+    """This rank's stage model with weights loaded and KV caches allocated; returns (model, seconds)."""
+    began = time.perf_counter()
+    config = load_config(model_dir)
+    if ctx.pp > config.num_hidden_layers:
+        raise ModelConfigError(f"pp={ctx.pp} exceeds num_hidden_layers={config.num_hidden_layers}")
+    layers = stage_layer_range(config.num_hidden_layers, ctx.pp, ctx.pp_rank)
+    with torch.device("meta"):
+        model = CausalLM(config, layers, first=ctx.pp_rank == 0, last=ctx.pp_rank == ctx.pp - 1)
+    shards = apply_tensor_parallel(model, ctx)
+    model = model.to(dtype).to_empty(device=device).eval()
+    if model.lm_head is not None and model.model.embed_tokens is not None and config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight  # one copy; named_parameters yields it once
+    nbytes = load_weights(model, config, Path(model_dir), shards)
+    model.setup_caches(max_batch, max_len, dtype, device)
+    seconds = time.perf_counter() - began
+    log.info("event=load_done rank=%d stage=%d layers=%d-%d shard_mib=%.1f seconds=%.2f",
+             ctx.rank, ctx.pp_rank, layers.start, layers.stop - 1, nbytes / 2**20, seconds)
+    return model, seconds
+
+
+def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: dict[str, Shard]) -> int:
+    """Copy every parameter's slice in from the checkpoint; returns the bytes loaded."""
+    files = checkpoint_index(model_dir)
+    params = list(model.named_parameters())
+    loaded, last_log, began = 0, time.perf_counter(), time.perf_counter()
+    for i, (name, param) in enumerate(params):
+        key = name
+        if key not in files and name == "lm_head.weight" and config.tie_word_embeddings:
+            key = "model.embed_tokens.weight"
+        if key not in files:
+            raise ModelConfigError(f"checkpoint in {model_dir} has no tensor {key!r}")
+        shard = shards.get(name)
+        with torch.no_grad():
+            if shard is not None and shard.zero:
+                param.zero_()
+            else:
+                part = read_shard(files[key], key, shard)
+                if part.shape != param.shape:
+                    raise ModelConfigError(f"tensor {key!r} has shape {tuple(part.shape)}, expected {tuple(param.shape)}")
+                param.copy_(part)
+        loaded += param.numel() * param.element_size()
+        if time.perf_counter() - last_log > PROGRESS_EVERY_S:
+            last_log = time.perf_counter()
+            log.info("event=load_progress tensors=%d/%d loaded_mib=%.1f elapsed_s=%.1f",
+                     i + 1, len(params), loaded / 2**20, last_log - began)
+    return loaded

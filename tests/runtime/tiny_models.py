@@ -1,0 +1,102 @@
+"""Tiny seeded random checkpoints saved by transformers, and their reference generations."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+NEW_TOKENS = 32
+PROMPT_LENGTHS = (5, 9, 2)
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """One model variant: what it exercises, its config, and where it was saved."""
+
+    name: str
+    family: str  # "llama" or "qwen2"
+    config: dict[str, Any]
+
+    @property
+    def layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    def valid_tp(self, tp: int) -> bool:
+        """The engine's own rule (heads split, KV heads split or replicate), plus intermediate % tp."""
+        heads, kv = self.config["num_attention_heads"], self.config["num_key_value_heads"]
+        return heads % tp == 0 and (kv % tp == 0 or tp % kv == 0) and self.config["intermediate_size"] % tp == 0
+
+    def valid(self, tp: int, pp: int) -> bool:
+        return self.valid_tp(tp) and pp <= self.layers
+
+
+VARIANTS = [
+    # GQA, 4 query heads per KV head, untied.
+    TinyModel("gqa", "llama", dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=False)),
+    # MQA: one KV head, replicated on every TP rank; 5 layers (no pp > 1 divides it); llama3 RoPE scaling.
+    TinyModel("mqa", "llama", dict(vocab_size=200, hidden_size=96, intermediate_size=192, num_hidden_layers=5,
+                                   num_attention_heads=12, num_key_value_heads=1, tie_word_embeddings=False,
+                                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                                   rope_theta=500000.0)),
+    # Tied embeddings and a prime vocab (padded for every tp > 1).
+    TinyModel("tied", "llama", dict(vocab_size=131, hidden_size=64, intermediate_size=128, num_hidden_layers=6,
+                                    num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)),
+    # Qwen2: q/k/v bias, 3 KV heads (tp=3), 3 layers.
+    TinyModel("qwen2", "qwen2", dict(vocab_size=151, hidden_size=48, intermediate_size=96, num_hidden_layers=3,
+                                     num_attention_heads=6, num_key_value_heads=3, tie_word_embeddings=False)),
+]
+
+
+def prompts(seed: int = 7) -> list[list[int]]:
+    """Prompts of different lengths, valid for every variant's vocab."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab = min(int(v.config["vocab_size"]) for v in VARIANTS)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in PROMPT_LENGTHS]
+
+
+def build_checkpoint(variant: TinyModel, directory: Path, seed: int = 0) -> Path:
+    """Save a seeded random model of `variant` to `directory` with safetensors."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.08, eos_token_id=2,
+                  bos_token_id=1)
+    if variant.family == "qwen2":
+        model: Any = Qwen2ForCausalLM(Qwen2Config(**common, **variant.config))
+    else:
+        model = LlamaForCausalLM(LlamaConfig(**common, **variant.config))
+    model.to(torch.float32).save_pretrained(directory)
+    return directory
+
+
+def reference(directory: Path, prompt_list: list[list[int]]) -> dict[str, Any]:
+    """transformers' greedy continuation (NEW_TOKENS, no early stop) and last-position logits per prompt."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model.generation_config.eos_token_id = None
+    tokens, logits = [], []
+    with torch.inference_mode():
+        for prompt in prompt_list:
+            ids = torch.tensor([prompt])
+            logits.append(model(ids).logits[0, -1].float().tolist())
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
+            tokens.append(out[0, len(prompt):].tolist())
+    return {"tokens": tokens, "logits": logits}
+
+
+def build_all(root: Path) -> dict[str, dict[str, Any]]:
+    """Every variant saved under `root`, with its reference; also written to root/reference.json."""
+    prompt_list = prompts()
+    table = {}
+    for variant in VARIANTS:
+        directory = build_checkpoint(variant, root / variant.name)
+        table[variant.name] = {"dir": str(directory), **reference(directory, prompt_list)}
+    (root / "reference.json").write_text(json.dumps({"prompts": prompt_list, "models": table}))
+    return table

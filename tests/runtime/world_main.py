@@ -1,0 +1,68 @@
+"""One rank of a test world: load each listed model in turn, drive it from rank 0, record the results.
+
+Run as a script by tests/runtime/rank_world.py with RANK, WORLD_SIZE, TP_SIZE, PP_SIZE, MASTER_ADDR,
+MASTER_PORT in the environment and a JSON spec path as argv[1]. Rank 0 writes {model: {tokens,
+logits}} to the spec's "out" path; the test process compares it with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from largemodel.runtime.engine import Engine, SamplingParams, SeqInput, worker_loop
+from largemodel.runtime.parallel import init_distributed
+from largemodel.runtime.weights import build_stage
+
+
+def drive(engine: Engine, prompts: list[list[int]], new_tokens: int, sampling: SamplingParams) -> dict:
+    """Continuous batching as the scheduler does it: prompt 2 joins while 0 and 1 already decode."""
+    first, logits = engine.step_with_logits([SeqInput(0, prompts[0], 0, sampling), SeqInput(1, prompts[1], 0, sampling)])
+    out = {0: [first[0]], 1: [first[1]]}
+    all_logits = {0: logits[0].tolist(), 1: logits[1].tolist()}
+    batch = [SeqInput(i, [out[i][-1]], len(prompts[i]), sampling) for i in (0, 1)]
+    toks, logits = engine.step_with_logits(batch + [SeqInput(2, prompts[2], 0, sampling)])
+    out[0].append(toks[0])
+    out[1].append(toks[1])
+    out[2] = [toks[2]]
+    all_logits[2] = logits[2].tolist()
+    while any(len(v) < new_tokens for v in out.values()):
+        live = [i for i in out if len(out[i]) < new_tokens]
+        toks = engine.step([SeqInput(i, [out[i][-1]], len(prompts[i]) + len(out[i]) - 1, sampling) for i in live])
+        for i, t in zip(live, toks, strict=True):
+            out[i].append(t)
+    return {"tokens": [out[i] for i in range(3)], "logits": [all_logits[i] for i in range(3)]}
+
+
+def main() -> int:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    tp, pp = int(os.environ["TP_SIZE"]), int(os.environ["PP_SIZE"])
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{rank} %(levelname)s %(name)s %(message)s")
+    ctx = init_distributed(rank, world, tp, pp, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
+    results = {}
+    for entry in spec["models"]:
+        model, _ = build_stage(Path(entry["dir"]), ctx, torch.float32, ctx.device, 4, 64)
+        if rank != 0:
+            worker_loop(model, ctx)
+            continue
+        engine = Engine(model, ctx, micro_batches=spec.get("micro_batches", 2))
+        results[entry["name"]] = {
+            name: drive(engine, spec["prompts"], run["new_tokens"], SamplingParams(**run["params"]))
+            for name, run in spec["samplings"].items()
+        }
+        engine.shutdown()
+    if rank == 0:
+        Path(spec["out"]).write_text(json.dumps(results))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
