@@ -384,3 +384,14 @@ def test_notes_tell_the_next_step() -> None:
     assert "team-a, team-b" in notes
     example = notes.split("-f ", 1)[1].split()[0]
     assert (CHART_DIR.parents[1] / example).is_file(), f"NOTES name a missing example {example}"
+
+
+def test_packaged_chart_renders_like_the_directory(tmp_path: Path) -> None:
+    archive = Path(helm_python.package(CHART_DIR, destination=tmp_path))
+    assert archive.name.startswith("largemodel-") and archive.suffix == ".tgz"
+    with helm_python.Chart.load_archive(archive.read_bytes()) as packaged:
+        names = {f["name"] for f in packaged.files}
+        assert "files/alerts.rules.yaml" in names and "files/alerts.test.yaml" not in names
+        assert [crd["filename"] for crd in packaged.crds] == ["largemodel/crds/serving.largemodel.io_largemodels.yaml"]
+        rendered = packaged.render(CONFIGS["everything"], name=RELEASE, namespace=NAMESPACE, is_install=True)
+    assert rendered == render(CONFIGS["everything"])
