@@ -32,6 +32,7 @@ class ScrapeTarget:
     job: str
     address: str
     labels: Mapping[str, str] = field(default_factory=dict)
+    honor_labels: bool = False
     path: str = "/metrics"
 
 
@@ -54,6 +55,7 @@ def scrape_config(targets: list[ScrapeTarget], interval_s: int = 1) -> dict[str,
             {
                 "job_name": target.job,
                 "metrics_path": target.path,
+                "honor_labels": target.honor_labels,
                 "static_configs": [{"targets": [target.address], "labels": dict(target.labels)}],
             }
             for target in targets
