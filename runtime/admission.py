@@ -16,6 +16,8 @@ from largemodel.runtime.scheduler import AdmissionError, GenerationRequest, Sche
 
 log = logging.getLogger(__name__)
 
+# Below this a temperature means greedy: dividing logits by ~0 overflows to inf and NaN probabilities.
+GREEDY_TEMPERATURE_EPS = 1e-5
 # A prompt of more characters than this per allowed token cannot fit and is refused before the
 # tokenizer spends time on it (no real tokenizer averages 32 characters per token).
 _MAX_CHARS_PER_TOKEN = 32
@@ -104,8 +106,9 @@ def build_request(
         if bad:
             raise AdmissionError(f"prompt token id {bad[0]} is out of range; the vocabulary has {vocab_size}", "prompt")
     limit = scheduler.check_lengths(len(prompt_tokens), max_tokens)
+    temperature = defaults.temperature if temperature is None else float(temperature)
     sampling = sampling_params(
-        temperature=defaults.temperature if temperature is None else float(temperature),
+        temperature=0.0 if temperature < GREEDY_TEMPERATURE_EPS else temperature,
         top_k=defaults.top_k if top_k is None else max(0, int(top_k)),
         top_p=defaults.top_p if top_p is None else float(top_p),
         seed=seed,

@@ -1,4 +1,4 @@
-"""Incremental detokenization for streaming: text for each new token, never a broken character.
+"""Incremental detokenization and stop strings for streaming: text per token, never a broken character.
 
 Decoding a token on its own loses what depends on its neighbours (SentencePiece's leading
 space, a UTF-8 character split over several byte tokens), so each step decodes a short window
@@ -45,3 +45,27 @@ class IncrementalDetokenizer:
         full_text = self._decode(self._ids[self._prefix_offset:])
         self._prefix_offset = self._read_offset = len(self._ids)
         return full_text[len(prefix_text):]
+
+
+def find_stop(text: str, stops: tuple[str, ...], searched: int) -> int | None:
+    """Index where the earliest stop string starts in `text`, or None.
+
+    `searched` is how much of `text` earlier calls already searched: only a match that ends
+    after it can be new, so the search starts one stop-length before it.
+    """
+    if not stops:
+        return None
+    start = max(0, searched - max(len(s) for s in stops))
+    hits = [i for i in (text.find(s, start) for s in stops if s) if i >= 0]
+    return min(hits) if hits else None
+
+
+def stop_prefix_holdback(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that could still grow into a stop string (not streamed yet)."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if stop.startswith(text[-n:]):
+                best = n
+                break
+    return best

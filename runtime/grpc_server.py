@@ -131,7 +131,8 @@ class GenerationServicer:
 async def start_grpc_server(state: Any, host: str, port: int) -> tuple[grpc.aio.Server, Any]:
     """Bind and start the gRPC server; returns it and its health servicer (SERVING)."""
     pb2, pb2_grpc = load_stubs()
-    server = grpc.aio.server()
+    # gRPC sets SO_REUSEPORT by default: a second server on a taken port would "start" and steal calls.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(state, pb2), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -87,7 +87,7 @@ def create_app(state: Any) -> FastAPI:
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
-    @app.get("/healthz", tags=["probes"])
+    @app.get("/healthz", tags=["probes"], responses={503: _ERROR_RESPONSES[503]})
     async def healthz() -> JSONResponse:
         """Liveness: the process serves and its engine thread has not failed."""
         if state.scheduler.failure is not None:

@@ -18,7 +18,8 @@ MAX_STOP_LENGTH = 256
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # Strict: `"max_tokens": true` or `"stream": "yes"` is a client bug to report, not to coerce.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(_Body):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from largemodel import metrics
-from largemodel.runtime.detokenize import IncrementalDetokenizer
+from largemodel.runtime.detokenize import IncrementalDetokenizer, find_stop, stop_prefix_holdback
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class Scheduler:
         max_queue: int,
         seq_input: Callable[..., Any],
         max_prefill_tokens: int | None = None,
+        input_errors: tuple[type[Exception], ...] = (),
     ) -> None:
         self.engine = engine
         self.max_batch_size = engine.max_batch_size
@@ -148,6 +149,8 @@ class Scheduler:
         self.max_queue = max_queue
         self._tokenizer = tokenizer
         self._seq_input = seq_input
+        # Errors the engine raises for invalid input before any rank did work: the group is fine.
+        self._input_errors = input_errors
         # Bounds how much prefill work joins one step, so running streams keep a steady pace.
         self._max_prefill_tokens = max_prefill_tokens or max(2048, engine.max_model_len)
         self._eos = frozenset(engine.eos_token_ids)
@@ -267,7 +270,12 @@ class Scheduler:
                     batch = self._build_batch(prefills)
                 if batch:
                     seqs = [seq for seq, _ in batch]
-                    tokens = self.engine.step([inp for _, inp in batch])
+                    try:
+                        tokens = self.engine.step([inp for _, inp in batch])
+                    except self._input_errors as exc:
+                        log.error("scheduler.batch_rejected requests=%d error=%s", len(seqs), exc)
+                        self._release(seqs, "error")
+                        continue
                     self._consume(seqs, tokens)
         except BaseException as exc:  # noqa: BLE001 - a broken engine must fail requests, not hang them
             log.exception("scheduler.engine_failed error=%r", exc)
@@ -351,7 +359,12 @@ class Scheduler:
                 seq.text += seq.detok.flush()
             else:
                 seq.text += seq.detok.add(token)
-                if request.stop and _truncate_at_stop(seq, request.stop):
+                # Text before `emitted` was searched on earlier steps; only a match reaching into
+                # the new text can be new.
+                cut = find_stop(seq.text, request.stop, seq.emitted)
+                if cut is not None:
+                    seq.text = seq.text[:cut]
+                    seq.emitted = min(seq.emitted, cut)
                     reason = "stop"
             if reason is None and (
                 len(seq.generated) >= request.max_tokens
@@ -363,18 +376,25 @@ class Scheduler:
                 finished.append(seq)
                 self._finish(seq, reason, [token])
             else:
-                end = len(seq.text) - _stop_prefix_holdback(seq.text, request.stop)
+                end = len(seq.text) - stop_prefix_holdback(seq.text, request.stop)
                 text = seq.text[seq.emitted:end]
                 seq.emitted = max(seq.emitted, end)
                 seq.stream._push(Chunk(text, [token], None, len(request.prompt_tokens), len(seq.generated)))
         if finished:
-            with self._cond:
-                for seq in finished:
-                    if self._running.get(seq.slot) is seq:
-                        del self._running[seq.slot]
-                        self._free_slots.append(seq.slot)
-                metrics.REQUESTS_RUNNING.set(len(self._running))
-                self._update_kv_gauge()
+            self._release(finished)
+
+    def _release(self, seqs: list[_Sequence], reason: FinishReason | None = None) -> None:
+        """Free the slots of `seqs`; finish them with `reason` first when given."""
+        if reason is not None:
+            for seq in seqs:
+                self._finish(seq, reason)
+        with self._cond:
+            for seq in seqs:
+                if self._running.get(seq.slot) is seq:
+                    del self._running[seq.slot]
+                    self._free_slots.append(seq.slot)
+            metrics.REQUESTS_RUNNING.set(len(self._running))
+            self._update_kv_gauge()
 
     def _finish(self, seq: _Sequence, reason: FinishReason, token_ids: list[int] | None = None) -> None:
         """Send the final chunk of a sequence and record its metrics."""
@@ -386,27 +406,3 @@ class Scheduler:
         status = {"stop": metrics.STATUS_OK, "length": metrics.STATUS_OK, "abort": metrics.STATUS_CANCELLED}
         metrics.REQUESTS.labels(status=status.get(reason, metrics.STATUS_ERROR)).inc()
         metrics.REQUEST_DURATION.observe(time.monotonic() - seq.admitted_at)
-
-
-def _truncate_at_stop(seq: _Sequence, stops: tuple[str, ...]) -> bool:
-    """Cut seq.text at the earliest stop string that appeared; True when one did."""
-    longest = max(len(s) for s in stops)
-    # Only the tail can hold a new match: text before `emitted` was checked on earlier steps.
-    window_start = max(0, seq.emitted - longest)
-    hits = [i for i in (seq.text.find(s, window_start) for s in stops if s) if i >= 0]
-    if not hits:
-        return False
-    seq.text = seq.text[: min(hits)]
-    seq.emitted = min(seq.emitted, len(seq.text))
-    return True
-
-
-def _stop_prefix_holdback(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that could still grow into a stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if stop.startswith(text[-n:]):
-                best = n
-                break
-    return best

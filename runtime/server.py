@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Generator, Mapping
@@ -100,6 +101,19 @@ class _Server(uvicorn.Server):
         yield
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def load_tokenizer(model_dir: Path) -> Any:
     """The model directory's tokenizer (chat template included)."""
     from transformers import AutoTokenizer
@@ -109,12 +123,13 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 def run_server(engine: Any, model_dir: Path, environ: Mapping[str, str]) -> int:
     """Serve HTTP and gRPC for `engine` until SIGTERM, drain, shut the engine down; return the exit code."""
-    from largemodel.runtime.engine import SamplingParams, SeqInput
+    from largemodel.runtime.engine import EngineError, SamplingParams, SeqInput
 
     settings = ServerSettings.from_environ(environ, Path(model_dir))
     # Two tokenizers: the engine thread decodes while the event loop encodes, and a Rust
     # tokenizer object must not be used from two threads at once.
-    scheduler = Scheduler(engine, load_tokenizer(model_dir), settings.max_queue, SeqInput)
+    scheduler = Scheduler(engine, load_tokenizer(model_dir), settings.max_queue, SeqInput,
+                          input_errors=(EngineError,))
     state = ServingState(
         scheduler=scheduler,
         tokenizer=load_tokenizer(model_dir),
@@ -145,21 +160,31 @@ async def _serve(state: ServingState, settings: ServerSettings) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
+    try:
+        # Bound here, before anything reports "listening": a taken port is a clear error, not a traceback.
+        http_socket = _bind(settings.host, settings.http_port)
+    except OSError as err:
+        log.error("server.bind_failed kind=http address=%s:%d error=%s", settings.host, settings.http_port, err)
+        return 1
+    try:
+        grpc_server, health_servicer = await start_grpc_server(state, settings.host, settings.grpc_port)
+    except RuntimeError as err:
+        log.error("server.bind_failed kind=grpc address=%s:%d error=%s", settings.host, settings.grpc_port, err)
+        http_socket.close()
+        return 1
     config = uvicorn.Config(
-        create_app(state), host=settings.host, port=settings.http_port, lifespan="off",
-        access_log=False, log_level="warning", timeout_graceful_shutdown=5, log_config=None,
+        create_app(state), lifespan="off", access_log=False, log_level="warning",
+        timeout_graceful_shutdown=5, log_config=None,
     )
     http = _Server(config)
-    http_task = asyncio.create_task(http.serve())
-    grpc_server, health_servicer = await start_grpc_server(state, settings.host, settings.grpc_port)
+    http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
     log.info("server.listening http=%s:%d grpc=%s:%d model=%s pid=%d", settings.host, settings.http_port,
              settings.host, settings.grpc_port, state.model_name, os.getpid())
 
     stop_task = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({http_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
     if http_task in done:
-        # uvicorn only returns on its own when it could not start (port taken, ...).
-        log.error("server.http_failed port=%d", settings.http_port)
+        log.error("server.http_stopped_unexpectedly error=%r", http_task.exception())
         stop_task.cancel()
         await grpc_server.stop(0)
         return 1
