@@ -13,6 +13,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -74,13 +76,15 @@ class Engine:
     """Drives the rank group from global rank 0; the only object the serving layer talks to."""
 
     def __init__(self, model: CausalLM, ctx: ParallelContext, *, micro_batches: int = 1,
-                 eos_token_ids: list[int] | None = None, heartbeat_s: float | None = None) -> None:
+                 eos_token_ids: list[int] | None = None, heartbeat_s: float | None = None,
+                 on_fatal: Callable[[BaseException], None] | None = None) -> None:
         assert ctx.rank == 0, "the Engine lives on global rank 0; other ranks run worker_loop()"
         self.model, self.ctx = model, ctx
         self.max_batch_size, self.max_model_len = model.max_batch, model.max_len
         self.vocab_size = model.config.vocab_size
         self.micro_batches = max(1, micro_batches)
         self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else model.config.eos_ids)
+        self._on_fatal = on_fatal
         self._io = StageIO(ctx, model)
         self._sampler = Sampler(self.max_batch_size) if ctx.pp == 1 else None
         self._lock = threading.RLock()
@@ -134,7 +138,7 @@ class Engine:
 
     def _step(self, batch: list[SeqInput], want_logits: bool) -> tuple[list[int], Tensor | None]:
         self.validate(batch)
-        with self._lock:
+        with self._lock, self._group_failures():
             chunks = split_micro_batches(batch, self.micro_batches)
             tickets = [self._submit(c, want_logits, i == 0, i == len(chunks) - 1) for i, c in enumerate(chunks)]
             results = [self.result(t) for t in tickets]
@@ -145,12 +149,12 @@ class Engine:
     def submit(self, batch: list[SeqInput]) -> int:
         """Start one micro-batch through the pipeline without waiting; returns a ticket for result()."""
         self.validate(batch)
-        with self._lock:
+        with self._lock, self._group_failures():
             return self._submit(batch, False, True, True)
 
     def _submit(self, batch: list[SeqInput], want_logits: bool, first: bool, last: bool) -> int:
         if self._closed:
-            raise RuntimeError("engine is shut down")
+            raise EngineError("engine is shut down")
         mb = MicroBatch(
             kind=KIND_STEP, slots=[s.slot for s in batch], start_pos=[s.start_pos for s in batch],
             lengths=[len(s.tokens) for s in batch], tokens=[list(s.tokens) for s in batch],
@@ -175,7 +179,7 @@ class Engine:
 
     def result(self, ticket: int) -> tuple[list[int], Tensor | None]:
         """Tokens (and logits if asked) of a submitted micro-batch; waits for it to leave the pipeline."""
-        with self._lock:
+        with self._lock, self._group_failures():
             while ticket not in self._done:
                 if self._next_receive not in self._in_flight:
                     raise KeyError(f"unknown ticket {ticket}")
@@ -192,6 +196,18 @@ class Engine:
             self._last_activity = time.monotonic()
             return self._done.pop(ticket)
 
+    @contextmanager
+    def _group_failures(self) -> Iterator[None]:
+        """A failed collective means a lost peer: hand it to on_fatal (the launcher exits) if set."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if self._on_fatal is None:
+                raise
+            self._closed = True
+            self._on_fatal(exc)
+            raise
+
     def _send_control(self, kind: int) -> None:
         mb = MicroBatch.control(kind)
         self._io.share_plan(mb)
@@ -201,7 +217,7 @@ class Engine:
 
     def _beat(self) -> None:
         while not self._stop.wait(self._heartbeat_s / 2):
-            with self._lock:
+            with self._lock, self._group_failures():
                 if self._closed:
                     return
                 if time.monotonic() - self._last_activity >= self._heartbeat_s / 2:
@@ -211,7 +227,7 @@ class Engine:
     def shutdown(self) -> None:
         """Finish what is in flight, then tell every rank to leave its loop. Idempotent."""
         self._stop.set()
-        with self._lock:
+        with self._lock, self._group_failures():
             if self._closed:
                 return
             for ticket in sorted(self._in_flight):

@@ -97,6 +97,19 @@ def build_all(root: Path) -> dict[str, dict[str, Any]]:
     table = {}
     for variant in VARIANTS:
         directory = build_checkpoint(variant, root / variant.name)
+        save_word_tokenizer(directory, int(variant.config["vocab_size"]))
         table[variant.name] = {"dir": str(directory), **reference(directory, prompt_list)}
     (root / "reference.json").write_text(json.dumps({"prompts": prompt_list, "models": table}))
     return table
+
+
+def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer whose token i is the word `w<i>`: enough for the HTTP server to run."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"w{i}": i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w2", bos_token="w1", unk_token="w0",
+                            pad_token="w0").save_pretrained(directory)

@@ -1,0 +1,125 @@
+"""One rank process: join the group, load the shard, then serve (global rank 0) or work.
+
+Local rank 0 of every pod also serves the pod's /metrics (all local ranks merged through
+prometheus_client's multiprocess directory) and /healthz on METRICS_PORT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from largemodel import envcontract
+from largemodel.envcontract import RankEnv
+
+log = logging.getLogger(__name__)
+
+EXIT_FATAL = 4
+DEFAULT_MAX_BATCH_SIZE = 8
+DEFAULT_MAX_MODEL_LEN = 2048
+
+
+def serve_pod_metrics(port: int, host: str) -> ThreadingHTTPServer:
+    """GET /metrics (every local rank, merged) and GET /healthz, in a daemon thread."""
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                registry = CollectorRegistry()
+                multiprocess.MultiProcessCollector(registry)
+                body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
+            elif path == "/healthz":
+                body, ctype, code = b"ok\n", "text/plain", 200
+            else:
+                body, ctype, code = b"not found\n", "text/plain", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes are not news
+            return
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name="pod-metrics", daemon=True).start()
+    log.info("event=metrics_listening host=%s port=%d", host, port)
+    return server
+
+
+def _fatal(exc: BaseException) -> None:
+    # A collective failed: a peer is gone and the group can never recover. Exit at once so the
+    # pod supervisor and the operator restart the group instead of serving errors forever.
+    log.error("event=group_broken error=%r action=exit code=%d", exc, EXIT_FATAL)
+    logging.shutdown()
+    os._exit(EXIT_FATAL)
+
+
+def run_rank(local_rank: int, environ: dict[str, str]) -> int:
+    """Everything one rank does, from joining the group to leaving it; returns the exit code."""
+    import torch.distributed as dist
+
+    from largemodel import metrics
+    from largemodel.modeluri import resolve_model_dir
+    from largemodel.runtime.parallel import init_distributed
+
+    env = RankEnv.from_environ(environ)
+    rank = env.global_rank(local_rank)
+    if local_rank == 0:
+        serve_pod_metrics(int(environ.get(envcontract.METRICS_PORT) or envcontract.DEFAULT_METRICS_PORT),
+                          environ.get("BIND_HOST", "0.0.0.0"))
+    max_batch = int(environ.get(envcontract.MAX_BATCH_SIZE) or DEFAULT_MAX_BATCH_SIZE)
+    max_len = int(environ.get(envcontract.MAX_MODEL_LEN) or DEFAULT_MAX_MODEL_LEN)
+    try:
+        model_dir = resolve_model_dir(env.model_uri)
+        ctx = init_distributed(rank, env.world_size, env.tp, env.pp, env.master_addr, env.master_port)
+        metrics.RANK_INFO.labels(rank=str(rank), tp_rank=str(ctx.tp_rank), pp_rank=str(ctx.pp_rank), tp=str(env.tp),
+                                 pp=str(env.pp), group=str(env.group_index), backend=ctx.backend,
+                                 engine=env.engine).set(1)
+        began = time.perf_counter()
+
+        def on_loaded() -> None:
+            metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - began)
+
+        if env.engine == "deepspeed":
+            from largemodel.runtime.deepspeed_engine import start_deepspeed
+
+            engine = start_deepspeed(model_dir, ctx, env, max_batch, max_len, on_loaded, _fatal)
+        else:
+            engine = start_native(model_dir, ctx, env, max_batch, max_len, on_loaded)
+        if engine is None:
+            return 0
+        from largemodel.runtime.server import run_server
+
+        code = run_server(engine, model_dir, environ)
+        engine.shutdown()
+        return code
+    except Exception as exc:
+        log.exception("event=rank_failed rank=%d error=%r", rank, exc)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start_native(model_dir: Path, ctx: object, env: RankEnv, max_batch: int, max_len: int,
+                 on_loaded: Callable[[], None]) -> object | None:
+    """Load this rank's shard; global rank 0 returns the Engine, every other rank works until SHUTDOWN."""
+    from largemodel.runtime.engine import Engine, worker_loop
+    from largemodel.runtime.parallel import ParallelContext
+    from largemodel.runtime.weights import build_stage, parse_dtype
+
+    assert isinstance(ctx, ParallelContext)
+    model, _seconds = build_stage(model_dir, ctx, parse_dtype(env.model_dtype), ctx.device, max_batch, max_len)
+    on_loaded()
+    if ctx.rank != 0:
+        worker_loop(model, ctx)
+        return None
+    return Engine(model, ctx, micro_batches=env.micro_batches, on_fatal=_fatal)
