@@ -119,6 +119,12 @@ class K8sMock(kmock.KubernetesEmulator):
             return await self._update(request)
         if method == enums.method.DELETE and request.name is not None:
             return await self._delete(request)
+        # Reads skip kmock's reaction matching, which rescans every past request per request
+        # (quadratic: 50 LargeModels' traffic slowed it to a crawl); no test adds reactions here.
+        reads = {enums.action.LIST: self._serve_list, enums.action.WATCH: self._serve_watch,
+                 enums.action.FETCH: self._serve_fetch}
+        if request.action in reads:
+            return await rendering.Response(payload=reads[request.action])(request)
         return await super()._handle(request)
 
     def _info(self, request: rendering.Request) -> kmock.ResourceInfo:
@@ -175,7 +181,15 @@ class K8sMock(kmock.KubernetesEmulator):
         else:
             self._objects[key] = body
         await self._emit(request, "ADDED", body)
+        owners = {ref.get("uid") for ref in meta.get("ownerReferences") or []}
+        if owners and not owners & self._live_uids():
+            # The garbage collector removes an object whose owners are all gone (a controller that
+            # acted on a stale list, say); a real one does it moments later, this one at once.
+            await self._remove(request, key, body, cascade=True)
         return aiohttp.web.json_response(body, status=201)
+
+    def _live_uids(self) -> set[str]:
+        return {str(obj.raw["metadata"].get("uid")) for obj in self._objects.values() if not obj.deleted}
 
     # -- update (PATCH merge / json-patch, PUT replace) -------------------------------------
 
@@ -336,7 +350,14 @@ class K8sMock(kmock.KubernetesEmulator):
                 continue
             await self._remove(fake, (resource, namespace, name), raw, cascade=True)
 
-    # -- reads: label selectors and a real list resourceVersion ------------------------------
+    # -- reads: discovery fix, label selectors, a real list resourceVersion -----------------
+
+    @override
+    async def _serve_version(self, request: rendering.Request) -> rendering.Payload:
+        result: Any = await super()._serve_version(request)
+        # kmock writes the core group's groupVersion as "/v1"; kubectl then cannot map pods.
+        result["groupVersion"] = str(result["groupVersion"]).lstrip("/")
+        return result
 
     @override
     async def _serve_list(self, request: rendering.Request) -> rendering.Payload:

@@ -129,3 +129,159 @@ def test_create_ready_steady_state_and_delete(cluster: MockCluster, kubelet: Kub
         ("serving.largemodel.io", "largemodels", "watch"), ("serving.largemodel.io", "largemodels/status", "patch"),
         ("apps", "statefulsets", "create"), ("", "services", "create"), ("", "pods", "list"), ("", "events", "create"),
     } <= used
+
+
+def test_invalid_then_fixed(cluster: MockCluster, kubelet: Kubelet, tmp_path: Path) -> None:
+    with running_operator(cluster, [NS]):
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(manifest(tmp_path, parallelism={"tensor": 2})))
+        wait_for(lambda: phase(cluster) == "Failed", "phase Failed")
+        body = model(cluster)
+        admitted = find(body["status"]["conditions"], "Admitted")
+        assert admitted["status"] == "False" and admitted["reason"] == "InvalidSpec"
+        assert "valid tensor sizes: 1, 3" in admitted["message"]
+        wait_for(lambda: "InvalidSpec" in events(cluster), "an InvalidSpec Event")
+        assert groups(cluster) == {} and cluster.list(core_path("services", NS)) == []
+        # A user error never loops: the invalid model makes no more writes.
+        assert settle_and_count_writes(
+            cluster, lambda: cluster.patch(lm_path(NS, "smollm2"), {"metadata": {"labels": {"t": str(time.time_ns())}}})
+        ) == 0
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(manifest(tmp_path, parallelism={"tensor": 1})))
+        wait_for(lambda: phase(cluster) == "Ready", "phase Ready after the fix")
+        assert condition(model(cluster), "Admitted") == "True" and list(groups(cluster)) == ["smollm2-g0"]
+    assert_within_rbac(cluster)
+
+
+def test_scale_1_3_1_with_kubectl_scale(cluster: MockCluster, kubelet: Kubelet, tmp_path: Path) -> None:
+    with running_operator(cluster, [NS]):
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(EXAMPLE))
+        wait_for(lambda: phase(cluster) == "Ready", "phase Ready")
+        cluster.kubectl("scale", "-n", NS, "lm/smollm2", "--replicas=3")
+        wait_for(lambda: model(cluster)["status"]["readyReplicas"] == 3 and phase(cluster) == "Ready", "3 ready groups")
+        assert sorted(groups(cluster)) == ["smollm2-g0", "smollm2-g1", "smollm2-g2"]
+        scale = cluster.get(lm_path(NS, "smollm2") + "/scale")
+        assert scale["status"]["replicas"] == 3 and scale["status"]["selector"] == f"{LABEL_NAME}=smollm2"
+        first_g0 = groups(cluster)["smollm2-g0"]["metadata"]["uid"]
+        cluster.kubectl("scale", "-n", NS, "lm/smollm2", "--replicas=1")
+        wait_for(lambda: list(groups(cluster)) == ["smollm2-g0"] and model(cluster)["status"]["replicas"] == 1,
+                 "scale down to g0")
+        deleted = [r.name for r in operator_writes(cluster) if str(r.method.value) == "DELETE"]
+        assert deleted == ["smollm2-g2", "smollm2-g1"]  # whole groups, highest index first
+        assert groups(cluster)["smollm2-g0"]["metadata"]["uid"] == first_g0  # g0 untouched
+        assert model(cluster)["status"]["readyReplicas"] == 1
+    assert_within_rbac(cluster)
+
+
+def test_rollout_of_three_groups_one_at_a_time(cluster: MockCluster, kubelet: Kubelet, tmp_path: Path) -> None:
+    kubelet.ready_delay = 0.3  # long enough that two groups down at once could not go unseen
+    with running_operator(cluster, [NS]):
+        path = manifest(tmp_path, replicas=3, rollout={"maxUnavailableGroups": 1})
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(path))
+        wait_for(lambda: model(cluster)["status"]["readyReplicas"] == 3, "3 ready groups")
+        old = model(cluster)["status"]["revision"]
+        kubelet.watch_replicas["smollm2"] = 3
+        body = yaml.safe_load(path.read_text())
+        body["spec"]["image"] = "largemodel-runtime:0.2.0"
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", "-", stdin=yaml.safe_dump(body))
+        new = wait_for(lambda: model(cluster)["status"]["revision"] != old and model(cluster)["status"]["revision"],
+                       "a new revision")
+
+        def rolled() -> bool:
+            sets = groups(cluster)
+            return (len(sets) == 3 and all(s["metadata"]["labels"][LABEL_REVISION] == new for s in sets.values())
+                    and phase(cluster) == "Ready")
+
+        wait_for(rolled, "all groups at the new revision and Ready", timeout=30)
+        assert kubelet.max_unavailable["smollm2"] == 1
+        deleted = [r.name for r in operator_writes(cluster) if str(r.method.value) == "DELETE"]
+        assert deleted == ["smollm2-g2", "smollm2-g1", "smollm2-g0"]
+        assert "RollingGroup" in events(cluster)
+    assert_within_rbac(cluster)
+
+
+def test_pod_failure_recreates_the_group(cluster: MockCluster, kubelet: Kubelet, tmp_path: Path) -> None:
+    with running_operator(cluster, [NS]):
+        path = manifest(tmp_path, restart={"maxGroupRestarts": 5, "backoffSeconds": 0})
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(path))
+        wait_for(lambda: phase(cluster) == "Ready", "phase Ready")
+        wait_for(lambda: groups(cluster)["smollm2-g0"]["metadata"].get("annotations"), "members recorded")
+        first = groups(cluster)["smollm2-g0"]["metadata"]["uid"]
+        # A deleted pod: the StatefulSet controller (the test) replaces it; the group is recreated.
+        cluster.kubectl("delete", "-n", NS, "pod/smollm2-g0-1", "--wait=false")
+        second = wait_for(lambda: (uid := groups(cluster)["smollm2-g0"]["metadata"]["uid"]) != first and uid,
+                          "a new incarnation of g0")
+        wait_for(lambda: phase(cluster) == "Ready" and model(cluster)["status"]["groups"][0]["restarts"] == 1,
+                 "Ready again after 1 restart")
+        # A container restart in a pod of the group: recreated again.
+        wait_for(lambda: groups(cluster)["smollm2-g0"]["metadata"].get("annotations"), "members recorded")
+        kubelet.set_pod_status(NS, "smollm2-g0-0", ready=True, restarts=1)
+        wait_for(lambda: groups(cluster)["smollm2-g0"]["metadata"]["uid"] not in (first, second), "a third incarnation")
+        wait_for(lambda: phase(cluster) == "Ready" and model(cluster)["status"]["groups"][0]["restarts"] == 2,
+                 "Ready again after 2 restarts")
+        assert events(cluster).count("GroupFailed") == 2
+    assert_within_rbac(cluster)
+
+
+def test_crash_loop_exhausts_budget_and_degrades(cluster: MockCluster, kubelet: Kubelet, tmp_path: Path) -> None:
+    kubelet.crashloop.add("smollm2-g0")
+    with running_operator(cluster, [NS]):
+        path = manifest(tmp_path, restart={"maxGroupRestarts": 2, "windowSeconds": 600, "backoffSeconds": 1})
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(path))
+        wait_for(lambda: phase(cluster) == "Degraded", "phase Degraded", timeout=30)
+        body = model(cluster)
+        assert condition(body, "Degraded") == "True" and condition(body, "Ready") == "False"
+        assert body["status"]["groups"][0]["state"] == "Down" and body["status"]["groups"][0]["restarts"] == 2
+        wait_for(lambda: groups(cluster) == {}, "the group left down")
+        assert events(cluster).count("GroupFailed") == 2
+        wait_for(lambda: "RestartBudgetExhausted" in events(cluster), "a RestartBudgetExhausted Event")
+        creates = [r for r in operator_writes(cluster) if str(r.method.value) == "POST" and r.resource.plural == "statefulsets"]
+        assert len(creates) == 3  # the first start and two restarts, no more
+    assert_within_rbac(cluster)
+
+
+def test_operator_restart_mid_rollout(cluster: MockCluster, kubelet: Kubelet, tmp_path: Path) -> None:
+    kubelet.ready_delay = 0.5
+    path = manifest(tmp_path, replicas=3)
+    with running_operator(cluster, [NS]):
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(path))
+        wait_for(lambda: model(cluster)["status"]["readyReplicas"] == 3, "3 ready groups", timeout=30)
+        old = model(cluster)["status"]["revision"]
+        body = yaml.safe_load(path.read_text())
+        body["spec"]["image"] = "largemodel-runtime:0.2.0"
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", "-", stdin=yaml.safe_dump(body))
+        wait_for(lambda: any(s["metadata"]["labels"][LABEL_REVISION] != old for s in groups(cluster).values()),
+                 "the first group recreated at the new revision")
+    # The operator is down mid-rollout; it comes back and finishes without duplicating anything.
+    with running_operator(cluster, [NS]):
+        def rolled() -> bool:
+            sets = groups(cluster)
+            return (len(sets) == 3 and all(s["metadata"]["labels"][LABEL_REVISION] != old for s in sets.values())
+                    and phase(cluster) == "Ready")
+
+        wait_for(rolled, "the rollout finished by the second operator", timeout=30)
+    creates = [r for r in operator_writes(cluster) if str(r.method.value) == "POST"
+               and r.resource.plural in ("statefulsets", "services")]
+    assert len([r for r in creates if r.resource.plural == "statefulsets"]) == 6  # 3 first + 3 rolled, no duplicate
+    assert len([r for r in creates if r.resource.plural == "services"]) == 2
+    assert len(cluster.list(core_path("services", NS), f"{LABEL_NAME}=smollm2")) == 2
+    assert_within_rbac(cluster)
+
+
+def test_fifty_models_converge(cluster: MockCluster, kubelet: Kubelet, tmp_path: Path) -> None:
+    docs = []
+    for i in range(50):
+        body = yaml.safe_load(EXAMPLE.read_text())
+        body["metadata"]["name"] = f"m{i:02d}"
+        docs.append(yaml.safe_dump(body))
+    (tmp_path / "all.yaml").write_text("---\n".join(docs))
+    with running_operator(cluster, [NS]):
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(tmp_path / "all.yaml"))
+
+        def all_ready() -> bool:
+            items = cluster.list(lm_path(NS))
+            return len(items) == 50 and all((m.get("status") or {}).get("phase") == "Ready" for m in items)
+
+        wait_for(all_ready, "50 Ready LargeModels", timeout=90)
+        assert len(cluster.list(apps_path("statefulsets", NS))) == 50
+        assert len(cluster.list(core_path("services", NS))) == 100
+        assert len(cluster.list(core_path("pods", NS))) == 100
+    assert_within_rbac(cluster)

@@ -140,3 +140,16 @@ def test_kubectl_apply_get_scale_delete(cluster: MockCluster, tmp_path) -> None:
     assert cluster.get(lm_path(NS, "kc"))["spec"]["replicas"] == 3
     cluster.kubectl("delete", "largemodels/kc")
     assert cluster.get(lm_path(NS, "kc")) is None
+
+
+def test_object_created_for_a_gone_owner_is_collected(cluster: MockCluster) -> None:
+    ref = {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "gone", "uid": "no-such-uid"}
+    cluster.create(core_path("pods", NS), {"metadata": {"name": "orphan", "ownerReferences": [ref]}})
+    assert cluster.get(core_path("pods", NS, "orphan")) is None
+
+
+def test_kubectl_finds_core_resources(cluster: MockCluster) -> None:
+    cluster.create(core_path("pods", NS), {"metadata": {"name": "p"}})
+    assert "p" in cluster.kubectl("get", "-n", NS, "pods", "-o", "name").stdout
+    cluster.kubectl("delete", "-n", NS, "pod/p", "--wait=false")
+    assert cluster.get(core_path("pods", NS, "p")) is None
