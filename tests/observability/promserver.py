@@ -47,10 +47,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def scrape_config(targets: list[ScrapeTarget], interval_s: int = 1) -> dict[str, Any]:
-    """The prometheus.yml for `targets`, scraped every `interval_s` seconds."""
+def scrape_config(targets: list[ScrapeTarget], interval_s: int = 1, rule_files: list[Path] | None = None) -> dict[str, Any]:
+    """The prometheus.yml for `targets`, scraped (and `rule_files` evaluated) every `interval_s` seconds."""
     return {
         "global": {"scrape_interval": f"{interval_s}s", "evaluation_interval": f"{interval_s}s"},
+        "rule_files": [str(path) for path in rule_files or []],
         "scrape_configs": [
             {
                 "job_name": target.job,
@@ -93,6 +94,11 @@ class Prometheus:
             raise PrometheusError(f"label values failed: {body.get('error')} (label={label} match={match})")
         return sorted(body["data"])
 
+    def rules(self) -> list[dict[str, Any]]:
+        """Every loaded alerting/recording rule with its health, last error and (alerts) state."""
+        body = httpx.get(f"{self.url}/api/v1/rules", timeout=10.0).json()
+        return [rule for group in body["data"]["groups"] for rule in group["rules"]]
+
     def targets_up(self) -> dict[str, str]:
         """Scrape URL -> health ('up', 'down', 'unknown') of every active target."""
         body = httpx.get(f"{self.url}/api/v1/targets", timeout=10.0).json()
@@ -128,15 +134,17 @@ def _wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, time
 
 @contextlib.contextmanager
 def running_prometheus(
-    targets: list[ScrapeTarget], workdir: Path, lifetime_s: int = 240, interval_s: int = 1
+    targets: list[ScrapeTarget], workdir: Path, lifetime_s: int = 240, interval_s: int = 1,
+    rule_files: list[Path] | None = None,
 ) -> Iterator[Prometheus]:
-    """Start Prometheus scraping `targets` with config and TSDB under `workdir`; kill it on exit."""
+    """Start Prometheus scraping `targets` (and evaluating `rule_files`) with config and TSDB under
+    `workdir`; kill it on exit."""
     binary = shutil.which("prometheus")
     if binary is None:
         raise PrometheusError("the prometheus server is not installed (apt-get install prometheus)")
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "prometheus.yml"
-    config_path.write_text(yaml.safe_dump(scrape_config(targets, interval_s)))
+    config_path.write_text(yaml.safe_dump(scrape_config(targets, interval_s, rule_files)))
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = workdir / "prometheus.log"

@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from .grafana import load_dashboards, panel_queries, query_variables, substitute
@@ -35,6 +36,7 @@ pytestmark = [
     pytest.mark.timeout(240),
 ]
 
+ALERT_RULES = Path(__file__).resolve().parents[2] / "charts" / "largemodel" / "files" / "alerts.rules.yaml"
 NAMESPACE = "observability"  # the target labels the chart's PodMonitor would add
 LOAD_REQUESTS = 12
 LOAD_CONCURRENCY = 4
@@ -69,7 +71,8 @@ def prometheus(group: RankGroup, operator: OperatorTarget,
     # The operator's series carry the LargeModel's namespace/name themselves (honor_labels, as
     # docs/OBSERVABILITY.md asks of the operator's ServiceMonitor).
     targets.append(ScrapeTarget("operator", operator.address, {}, honor_labels=True))
-    with running_prometheus(targets, tmp_path_factory.mktemp("prometheus"), lifetime_s=200) as prom:
+    workdir = tmp_path_factory.mktemp("prometheus")
+    with running_prometheus(targets, workdir, lifetime_s=200, rule_files=[ALERT_RULES]) as prom:
         yield prom
 
 
@@ -171,18 +174,43 @@ def test_collectives_per_generated_token_match_layers_and_tp(group: RankGroup, m
         }
 
 
-def test_promtool_check_metrics_on_real_scrapes(group: RankGroup, loaded: Load) -> None:
+def test_promtool_check_metrics_on_real_scrapes(group: RankGroup, loaded: Load, operator: OperatorTarget) -> None:
     promtool = shutil.which("promtool")
     assert promtool is not None
+    bodies = {f"stage {stage}": group.scrape(stage) for stage in range(group.pp)}
+    bodies["operator"] = httpx.get(f"http://{operator.address}/metrics", timeout=10.0).text
     for stage in range(group.pp):
-        body = group.scrape(stage)
-        assert "largemodel_collective_calls_total" in body and "largemodel_rank_info" in body
+        assert "largemodel_collective_calls_total" in bodies[f"stage {stage}"]
+        assert "largemodel_rank_info" in bodies[f"stage {stage}"]
+    assert "largemodel_time_to_first_token_seconds_bucket" in bodies["stage 0"]
+    assert "largemodel_operator_reconcile_seconds_bucket" in bodies["operator"]
+    for source, body in bodies.items():
         result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=30)
         assert result.returncode == 0 and not result.stdout.strip() and not result.stderr.strip(), (
-            f"stage {stage}: {result.stdout}{result.stderr}"
+            f"{source}: {result.stdout}{result.stderr}"
         )
-    requests = group.scrape(0)
-    assert "largemodel_time_to_first_token_seconds_bucket" in requests
+
+
+def test_alert_rules_evaluate_on_real_series(prometheus: Prometheus, loaded: Load, operator: OperatorTarget) -> None:
+    """The rule file loads into the real Prometheus, every rule evaluates cleanly against the real
+    series, and the operator's failed group fires LargeModelRestartBudgetExhausted end to end."""
+    operator.wait_until_exercised()
+    deadline = time.monotonic() + 30
+    while True:
+        rules = {rule["name"]: rule for rule in prometheus.rules()}
+        fired = rules.get("LargeModelRestartBudgetExhausted", {}).get("state") == "firing"
+        pending = rules.get("LargeModelGroupsUnavailable", {}).get("state") == "pending"
+        healthy = rules and all(rule["health"] == "ok" for rule in rules.values())
+        if fired and pending and healthy:
+            break
+        if time.monotonic() > deadline:
+            states = {name: (r["health"], r.get("state"), r.get("lastError")) for name, r in rules.items()}
+            raise AssertionError(f"rules did not reach the expected states: {states}")
+        time.sleep(0.5)
+    assert len(rules) == sum(len(group["rules"]) for group in yaml.safe_load(ALERT_RULES.read_text())["groups"])
+    (alert,) = rules["LargeModelRestartBudgetExhausted"]["alerts"]
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["summary"] == "1 LargeModel rank groups exhausted their restart budget"
 
 
 def _variable_values(prometheus: Prometheus, dashboard: dict[str, Any]) -> dict[str, str]:
