@@ -104,12 +104,17 @@ def build_all(root: Path) -> dict[str, dict[str, Any]]:
 
 
 def save_word_tokenizer(directory: Path, vocab_size: int) -> None:
-    """A word-level tokenizer whose token i is the word `w<i>`: enough for the HTTP server to run."""
+    """A word-level tokenizer whose token i is the word `word(i)`: enough for the HTTP server to run."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = {f"w{i}": i for i in range(vocab_size)}
-    tok = Tokenizer(models.WordLevel(vocab=words, unk_token="w0"))
+    words = {word(i): i for i in range(vocab_size)}
+    tok = Tokenizer(models.WordLevel(vocab=words, unk_token=word(0)))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="w2", bos_token="w1", unk_token="w0",
-                            pad_token="w0").save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=word(2), unk_token=word(0),
+                            pad_token=word(0)).save_pretrained(directory)
+
+
+def word(token: int) -> str:
+    """Fixed width, so no word is a prefix of another (special tokens match inside words)."""
+    return f"w{token:04d}"
