@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import subprocess
@@ -88,7 +89,7 @@ def _complete(url: str, prompt: str, max_tokens: int, stream: bool = False) -> d
         response.raise_for_status()
         for line in response.iter_lines():
             if line.startswith("data: {") and '"usage"' in line:
-                usage = httpx.Response(200, content=line[len("data: "):]).json().get("usage") or usage
+                usage = json.loads(line[len("data: "):]).get("usage") or usage
     return {"usage": usage}
 
 
@@ -149,8 +150,6 @@ def expected_collectives(tp: int, pp: int, layers: int, hidden: int, vocab: int,
 
 
 def test_collectives_per_generated_token_match_layers_and_tp(group: RankGroup, model_dir: Path) -> None:
-    import json
-
     config = json.loads((model_dir / "config.json").read_text())
     for prompt, max_tokens in (("import json", 5), ("def dumps(obj, *, skipkeys=False):\n    return obj", 9)):
         before = _collective_totals(group)
