@@ -59,8 +59,9 @@ def group_env(model_dir: Path, tp: int, pp: int, **overrides: str) -> dict[str, 
 
 @contextlib.contextmanager
 def running_pods(env: dict[str, str], workdir: Path, ready_timeout_s: float = 90,
-                 prefix: Sequence[Sequence[str]] | None = None, wait_ready: bool = True) -> Iterator[Pods]:
-    """Start one supervisor per stage (optionally under a command prefix per stage), kill all on exit."""
+                 prefix: Sequence[Sequence[str]] | None = None, per_stage: Sequence[dict[str, str]] | None = None,
+                 wait_ready: bool = True) -> Iterator[Pods]:
+    """Start one supervisor per stage (optionally under a command prefix and extra env per stage)."""
     pp = int(env[envcontract.PP_SIZE])
     procs: list[subprocess.Popen[bytes]] = []
     metrics_ports = [free_port() for _ in range(pp)]
@@ -69,7 +70,8 @@ def running_pods(env: dict[str, str], workdir: Path, ready_timeout_s: float = 90
     try:
         for stage in range(pp):
             stage_env = child_env({**env, envcontract.NODE_RANK: str(stage), envcontract.LWS_WORKER_INDEX: str(stage),
-                                   envcontract.METRICS_PORT: str(metrics_ports[stage]), "TMPDIR": str(workdir)})
+                                   envcontract.METRICS_PORT: str(metrics_ports[stage]), "TMPDIR": str(workdir),
+                                   **(per_stage[stage] if per_stage else {})})
             cmd = [*(prefix[stage] if prefix else []), sys.executable, "-m", "largemodel.runtime.launch"]
             with logs[stage].open("wb") as out:
                 procs.append(subprocess.Popen(cmd, env=stage_env, stdout=out, stderr=subprocess.STDOUT,
