@@ -84,7 +84,10 @@ class KubeClient:
         self, method: str, path: str, *, params: Mapping[str, str] | None = None, body: Any = None,
         content_type: str = "application/json", missing_ok: bool = False,
     ) -> dict[str, Any] | None:
-        verb = {"GET": "list" if params and "labelSelector" in params else "get"}.get(method, method.lower())
+        verb = {
+            "GET": "list" if params and "labelSelector" in params else "get",
+            "POST": "create", "PATCH": "patch", "DELETE": "delete",
+        }[method]
         metrics.OPERATOR_API_REQUESTS.labels(verb=verb, resource=_resource_label(path)).inc()
         headers = {"Content-Type": content_type} if body is not None else {}
         try:

@@ -40,6 +40,7 @@ from largemodel.operator.builders import (
     selector_labels,
     template_revision,
 )
+from largemodel.operator.cli import describe_validation_error
 from largemodel.operator.conditions import Cond
 from largemodel.operator.groups import MEMBERS_ANNOTATION, GroupView, observe_groups
 from largemodel.operator.planner import Plan, PlanError, plan_parallelism
@@ -122,20 +123,12 @@ class Result:
         return len(self.actions) + (self.status is not None) + (self.annotations is not None)
 
 
-def _problem(err: pydantic.ValidationError) -> str:
-    parts = []
-    for item in err.errors():
-        loc = ".".join(str(p) for p in item["loc"])
-        parts.append(f"{loc}: {item['msg']}")
-    return "invalid LargeModel: " + "; ".join(parts)
-
-
 def admit(body: Obj) -> tuple[api.LargeModel | None, Plan | None, str]:
     """Parse and plan the resource: (model, plan, "") or (model or None, None, why not)."""
     try:
         lm = api.LargeModel.from_manifest({k: v for k, v in body.items() if k != "status"})
     except pydantic.ValidationError as err:
-        return None, None, _problem(err)
+        return None, None, "invalid LargeModel: " + describe_validation_error(err)
     try:
         return lm, plan_parallelism(lm.spec), ""
     except PlanError as err:

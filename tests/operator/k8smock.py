@@ -91,6 +91,23 @@ class K8sMock(kmock.KubernetesEmulator):
     """The emulator with identity, versioning, subresources, selectors and cascading deletion."""
 
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    # Injected failures: [method, plural, subresource, status, times left]; see fail_next().
+    _faults: list[list[Any]] = attrs.field(factory=list, init=False)
+
+    def fail_next(self, method: str, plural: str, status: int, *, times: int = 1, subresource: str = "") -> None:
+        """Answer the next `times` matching requests with `status` (e.g. 409, 503) instead of serving them."""
+        self._faults.append([method.upper(), plural, subresource, status, times])
+
+    def _injected_fault(self, request: rendering.Request) -> ApiStatusError | None:
+        assert request.resource is not None
+        for fault in self._faults:
+            method, plural, sub, status, left = fault
+            if left > 0 and method == str(request.method.value) and plural == request.resource.plural \
+                    and sub == (request.subresource or ""):
+                fault[4] -= 1
+                reason = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError"}.get(status, "ServiceUnavailable")
+                return ApiStatusError(status, reason, f"injected by the test ({status})")
+        return None
 
     def declare(
         self, resource: str, kind: str, *, namespaced: bool = True, subresources: tuple[str, ...] = (),
@@ -111,6 +128,8 @@ class K8sMock(kmock.KubernetesEmulator):
         if res is None or res.plural is None:
             return await super()._handle(request)
         method = request.method
+        if (fault := self._injected_fault(request)) is not None:
+            raise fault
         if request.subresource == "scale":
             return await self._serve_scale(request)
         if method == enums.method.POST and request.name is None:

@@ -284,4 +284,33 @@ def test_fifty_models_converge(cluster: MockCluster, kubelet: Kubelet, tmp_path:
         assert len(cluster.list(apps_path("statefulsets", NS))) == 50
         assert len(cluster.list(core_path("services", NS))) == 100
         assert len(cluster.list(core_path("pods", NS))) == 100
+
+        def poke() -> None:
+            cluster.patch(lm_path(NS, "m00"), {"metadata": {"labels": {"poked": str(time.monotonic_ns())}}})
+
+        assert settle_and_count_writes(cluster, poke, name="m00") == 0
+    assert_within_rbac(cluster)
+
+
+def test_namespaced_operator_ignores_other_namespaces(cluster: MockCluster, kubelet: Kubelet) -> None:
+    with running_operator(cluster, [NS]):
+        cluster.kubectl("apply", "--validate=false", "-n", "other", "-f", str(EXAMPLE))
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(EXAMPLE))
+        wait_for(lambda: phase(cluster) == "Ready", "the model in the watched namespace Ready")
+    assert "status" not in (cluster.get(lm_path("other", "smollm2")) or {})
+    assert cluster.list(apps_path("statefulsets", "other")) == []
+    # No cluster-wide list or watch, and nothing in a namespace it was not given.
+    scopes = {r.namespace for r in operator_requests(cluster) if r.resource is not None and r.resource.plural}
+    assert scopes == {NS}
+
+
+def test_conflicts_and_server_errors_are_retried(cluster: MockCluster, kubelet: Kubelet) -> None:
+    cluster.mock.fail_next("POST", "statefulsets", 503, times=2)
+    cluster.mock.fail_next("PATCH", "largemodels", 409, times=2, subresource="status")
+    with running_operator(cluster, [NS]):
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(EXAMPLE))
+        wait_for(lambda: phase(cluster) == "Ready", "phase Ready despite the injected errors", timeout=30)
+        posts = [r for r in operator_writes(cluster) if str(r.method.value) == "POST" and r.resource.plural == "statefulsets"]
+        assert len(posts) == 3  # two refused, the third created the group
+        assert list(groups(cluster)) == ["smollm2-g0"]
     assert_within_rbac(cluster)

@@ -153,3 +153,12 @@ def test_kubectl_finds_core_resources(cluster: MockCluster) -> None:
     assert "p" in cluster.kubectl("get", "-n", NS, "pods", "-o", "name").stdout
     cluster.kubectl("delete", "-n", NS, "pod/p", "--wait=false")
     assert cluster.get(core_path("pods", NS, "p")) is None
+
+
+def test_injected_faults_answer_then_clear(cluster: MockCluster) -> None:
+    cluster.mock.fail_next("POST", "services", 503, times=2)
+    for _ in range(2):
+        with pytest.raises(httpx.HTTPStatusError) as err:
+            cluster.create(core_path("services", NS), {"metadata": {"name": "s"}})
+        assert err.value.response.status_code == 503
+    assert cluster.create(core_path("services", NS), {"metadata": {"name": "s"}})["metadata"]["name"] == "s"
