@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from largemodel.runtime.model import CausalLM
 from largemodel.runtime.parallel import DEFAULT_PG_TIMEOUT_S, PG_TIMEOUT_ENV, ParallelContext
 from largemodel.runtime.pipeline import (
     KIND_NOOP,
@@ -28,6 +27,7 @@ from largemodel.runtime.pipeline import (
     KIND_STEP,
     MicroBatch,
     StageIO,
+    StageModel,
     finish_last_stage,
     run_stage,
 )
@@ -75,7 +75,7 @@ def split_micro_batches(batch: list[SeqInput], micro_batches: int) -> list[list[
 class Engine:
     """Drives the rank group from global rank 0; the only object the serving layer talks to."""
 
-    def __init__(self, model: CausalLM, ctx: ParallelContext, *, micro_batches: int = 1,
+    def __init__(self, model: StageModel, ctx: ParallelContext, *, micro_batches: int = 1,
                  eos_token_ids: list[int] | None = None, heartbeat_s: float | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None) -> None:
         assert ctx.rank == 0, "the Engine lives on global rank 0; other ranks run worker_loop()"
@@ -239,7 +239,7 @@ class Engine:
         log.info("event=engine_shutdown rank=0")
 
 
-def worker_loop(model: CausalLM, ctx: ParallelContext) -> None:
+def worker_loop(model: StageModel, ctx: ParallelContext) -> None:
     """Every rank but global rank 0: run stage micro-batches as they come until SHUTDOWN."""
     io = StageIO(ctx, model)
     sampler = Sampler(model.max_batch) if model.last and ctx.tp_rank == 0 else None

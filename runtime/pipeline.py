@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import struct
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from largemodel import metrics
-from largemodel.runtime.model import CausalLM
+from largemodel.runtime.model import ModelConfig
 from largemodel.runtime.parallel import ParallelContext
 from largemodel.runtime.sampling import Sampler
 
@@ -27,6 +28,22 @@ KIND_STEP, KIND_NOOP, KIND_SHUTDOWN = 0, 1, 2
 HEADER_LEN = 4  # kind, rows, width, flags
 FLAG_LOGITS, FLAG_FIRST, FLAG_LAST = 1, 2, 4  # return logits; first / last micro-batch of a step
 META_COLS = 7  # slot, start_pos, length, top_k, seed (-1: none), temperature bits, top_p bits
+
+
+class StageModel(Protocol):
+    """What the engine needs of a stage: the native CausalLM, or DeepSpeed's model behind HFStage."""
+
+    config: ModelConfig
+    first: bool
+    last: bool
+    max_batch: int
+    max_len: int
+
+    def layout(self, slots: Tensor, start_pos: Tensor, lengths: Tensor, dtype: torch.dtype) -> Any: ...
+
+    def __call__(self, x: Tensor, layout: Any) -> Tensor: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...
 
 
 def _float_bits(value: float) -> int:
@@ -109,7 +126,7 @@ class StageIO:
     """Moves micro-batches in and out of one stage; keeps sends alive until they complete."""
 
     ctx: ParallelContext
-    model: CausalLM
+    model: StageModel
     pending_sends: list[Any] = field(default_factory=list)
     window_start: float = 0.0
     busy: float = 0.0
@@ -169,7 +186,7 @@ class StageIO:
         self.pending_sends = []
 
 
-def run_stage(model: CausalLM, mb: MicroBatch, hidden: Tensor | None, ctx: ParallelContext) -> Tensor:
+def run_stage(model: StageModel, mb: MicroBatch, hidden: Tensor | None, ctx: ParallelContext) -> Tensor:
     """This stage's forward over one micro-batch: hidden states, or logits on the last stage."""
     began, device = time.perf_counter(), ctx.device
     slots = torch.tensor(mb.slots, dtype=torch.int64, device=device)

@@ -15,34 +15,9 @@ from typing import Any
 import pytest
 import torch
 from rank_world import logs, run_world
-from tiny_models import NEW_TOKENS, VARIANTS
+from tiny_models import SAMPLINGS, VARIANTS
 
 WORLDS = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 3), (3, 1), (1, 4)]
-SAMPLINGS = {
-    "greedy": {"params": {}, "new_tokens": NEW_TOKENS},
-    "seeded": {"params": {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 1234}, "new_tokens": 8},
-}
-
-
-@pytest.fixture(scope="module")
-def seeded_single_process(checkpoints: dict[str, Any]) -> dict[str, Any]:
-    """Seeded sampling on tp=1, pp=1 in this process: what every split must reproduce."""
-    from world_main import drive
-
-    from largemodel.runtime.engine import Engine, SamplingParams
-    from largemodel.runtime.parallel import ParallelContext
-    from largemodel.runtime.weights import build_stage
-
-    run = SAMPLINGS["seeded"]
-    out = {}
-    for v in VARIANTS:
-        model, _ = build_stage(Path(checkpoints["models"][v.name]["dir"]), ParallelContext(), torch.float32,
-                               torch.device("cpu"), 4, 64)
-        out[v.name] = drive(Engine(model, ParallelContext()), checkpoints["prompts"], run["new_tokens"],
-                            SamplingParams(**run["params"]))["tokens"]
-    return out
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize(("tp", "pp"), WORLDS, ids=[f"tp{t}-pp{p}" for t, p in WORLDS])
 def test_world_matches_transformers(tp: int, pp: int, checkpoints: dict[str, Any], seeded_single_process: dict[str, Any],

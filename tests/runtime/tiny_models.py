@@ -11,6 +11,12 @@ import torch
 
 NEW_TOKENS = 32
 PROMPT_LENGTHS = (5, 9, 2)
+# What each world runs per model: greedy for the transformers comparison, seeded sampling for
+# "same seed, same tokens on every split".
+SAMPLINGS = {
+    "greedy": {"params": {}, "new_tokens": NEW_TOKENS},
+    "seeded": {"params": {"temperature": 0.8, "top_k": 20, "top_p": 0.9, "seed": 1234}, "new_tokens": 8},
+}
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from largemodel.runtime.deepspeed_engine import load_autotp
 from largemodel.runtime.engine import Engine, SamplingParams, SeqInput, worker_loop
 from largemodel.runtime.parallel import init_distributed
 from largemodel.runtime.weights import build_stage
@@ -48,7 +49,10 @@ def main() -> int:
     ctx = init_distributed(rank, world, tp, pp, os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]))
     results = {}
     for entry in spec["models"]:
-        model, _ = build_stage(Path(entry["dir"]), ctx, torch.float32, ctx.device, 4, 64)
+        if spec.get("engine", "native") == "deepspeed":
+            model = load_autotp(Path(entry["dir"]), ctx, torch.float32, 4, 64)
+        else:
+            model, _ = build_stage(Path(entry["dir"]), ctx, torch.float32, ctx.device, 4, 64)
         if rank != 0:
             worker_loop(model, ctx)
             continue
