@@ -332,6 +332,10 @@ class K8sMock(kmock.KubernetesEmulator):
         options = request.data if isinstance(request.data, dict) else {}
         policy = request.params.get("propagationPolicy") or options.get("propagationPolicy") or "Background"
         raw = copy.deepcopy(obj.raw)
+        wanted_uid = (options.get("preconditions") or {}).get("uid")
+        if wanted_uid and wanted_uid != raw["metadata"].get("uid"):
+            raise ApiStatusError(409, "Conflict", f"Precondition failed: UID in precondition: {wanted_uid}, "
+                                 f"UID in object meta: {raw['metadata'].get('uid')}")
         if raw["metadata"].get("finalizers"):
             if not raw["metadata"].get("deletionTimestamp"):
                 raw["metadata"]["deletionTimestamp"] = _now()

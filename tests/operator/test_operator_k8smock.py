@@ -162,3 +162,18 @@ def test_injected_faults_answer_then_clear(cluster: MockCluster) -> None:
             cluster.create(core_path("services", NS), {"metadata": {"name": "s"}})
         assert err.value.response.status_code == 503
     assert cluster.create(core_path("services", NS), {"metadata": {"name": "s"}})["metadata"]["name"] == "s"
+
+
+def test_delete_precondition_uid(cluster: MockCluster) -> None:
+    cluster.create(core_path("services", NS), {"metadata": {"name": "s"}})
+    reply = cluster.http.request("DELETE", core_path("services", NS, "s"), json={"preconditions": {"uid": "old"}})
+    assert reply.status_code == 409 and cluster.get(core_path("services", NS, "s")) is not None
+
+
+def test_orphan_propagation_keeps_dependents(cluster: MockCluster) -> None:
+    owner = cluster.create(core_path("services", NS), {"metadata": {"name": "owner"}})
+    ref = {"apiVersion": "v1", "kind": "Service", "name": "owner", "uid": owner["metadata"]["uid"]}
+    cluster.create(core_path("pods", NS), {"metadata": {"name": "kept", "ownerReferences": [ref]}})
+    cluster.http.request("DELETE", core_path("services", NS, "owner"), params={"propagationPolicy": "Orphan"})
+    assert cluster.get(core_path("services", NS, "owner")) is None
+    assert cluster.get(core_path("pods", NS, "kept")) is not None

@@ -248,3 +248,16 @@ def test_restart_history_resets_on_new_revision() -> None:
     world.edit(image="largemodel-runtime:0.2.0")  # the user ships a fix
     world.converge()
     assert world.lm["status"]["phase"] == "Ready" and world.groups() == ["smollm2-g0"]
+
+
+def test_bad_edit_keeps_serving_the_last_valid_spec() -> None:
+    world = World(example_lm(replicas=2))
+    world.converge()
+    world.edit(parallelism={"tensor": 2})
+    result = world.step()
+    assert result.actions == () and [e.reason for e in result.events] == ["InvalidSpec"]
+    status = world.lm["status"]
+    assert status["phase"] == "Failed" and _cond(status, "Admitted") == ("False", "InvalidSpec")
+    assert _cond(status, "Ready") == ("True", "LastValidSpec") and status["readyReplicas"] == 2
+    assert world.groups() == ["smollm2-g0", "smollm2-g1"]
+    assert world.step().writes == 0
