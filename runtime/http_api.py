@@ -137,7 +137,8 @@ def create_app(state: Any) -> FastAPI:
             prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
             tokens = (encode_text(state.tokenizer, prompt, state.max_model_len) if isinstance(prompt, str)
                       else [int(t) for t in prompt])
-            stream = _submit(state, body, tokens, body.max_tokens)
+            limit = body.max_tokens if body.max_tokens is not None else p.COMPLETION_DEFAULT_MAX_TOKENS
+            stream = _submit(state, body, tokens, limit)
         except AdmissionError as err:
             return _admission_error(state, err)
         rid = f"cmpl-{uuid.uuid4().hex}"

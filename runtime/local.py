@@ -58,6 +58,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_pair() -> int:
+    """A port p with p+1 free too: the rendezvous port and, right after it, the group's liveness port."""
+    for _ in range(100):
+        port = free_port()
+        if port < 65535 and not _port_busy(port + 1):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((LOCALHOST, port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("found no two adjacent free ports on 127.0.0.1")
+
+
 def main(argv: list[str]) -> int:
     """Entry point of `largemodel run`."""
     args = _parser().parse_args(argv)
@@ -74,7 +88,7 @@ def main(argv: list[str]) -> int:
     http_port = _pick_port(args.port, serving.http_port)
     grpc_port = _pick_port(args.grpc_port, serving.grpc_port)
     group = envcontract.RankGroupEnv(
-        master_addr=LOCALHOST, master_port=free_port(), tp=plan.tp, pp=plan.pp, group_index=0,
+        master_addr=LOCALHOST, master_port=free_port_pair(), tp=plan.tp, pp=plan.pp, group_index=0,
         model_uri=model_dir.resolve().as_uri(), model_dtype=lm.spec.model.dtype, micro_batches=plan.micro_batches,
         engine=lm.spec.engine, http_port=http_port, grpc_port=grpc_port, metrics_port=serving.metrics_port,
         max_batch_size=serving.max_batch_size, max_queue=serving.max_queue, max_model_len=serving.max_model_len,
@@ -148,10 +162,9 @@ def _start_node(group: envcontract.RankGroupEnv, stage: int, grace_s: float) -> 
     """Start stage `stage` as its own process group, as one pod would run."""
     env = dict(os.environ)
     env.update(group.node_env(stage))
-    # Pods each own their IP; on one machine every stage needs its own metrics port.
-    env[envcontract.METRICS_PORT] = str(group.metrics_port if stage == 0 else free_port())
-    if stage == 0 and _port_busy(group.metrics_port):
-        env[envcontract.METRICS_PORT] = str(free_port())
+    # Pods each own their IP; on one machine every stage needs its own metrics port (stage 0's
+    # metrics are on the HTTP port's /metrics too).
+    env[envcontract.METRICS_PORT] = str(free_port())
     env[BIND_HOST_ENV] = LOCALHOST
     env[DRAIN_GRACE_ENV] = str(grace_s)
     env["PYTHONSAFEPATH"] = "1"
@@ -217,17 +230,33 @@ def _ask(base: str, model: str, prompt: str, max_tokens: int) -> None:
 
 
 def _stop_nodes(nodes: list[subprocess.Popen[bytes]], grace_s: float) -> int:
-    """SIGTERM stage 0 (it drains and shuts the group down), then wait; escalate if stages hang."""
+    """SIGTERM stage 0 (it drains, then shuts every stage down through the pipeline) and wait.
+
+    The other stages leave on their own once stage 0 sent SHUTDOWN; any that do not (stage 0
+    died first) get SIGTERM after a short wait, and _kill_all handles what still hangs.
+    """
     if not nodes:
         return 0
     if nodes[0].poll() is None:
         nodes[0].send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s + 30
-    while time.monotonic() < deadline and any(n.poll() is None for n in nodes):
-        time.sleep(0.2)
+    _wait_exit(nodes[:1], grace_s + 30)
+    if not _wait_exit(nodes[1:], 10):
+        for node in nodes[1:]:
+            if node.poll() is None:
+                node.send_signal(signal.SIGTERM)
+        _wait_exit(nodes[1:], 15)
     codes = [n.poll() for n in nodes]
     log.info("run.stopped exit_codes=%s", codes)
     return 0 if all(c == 0 for c in codes) else 1
+
+
+def _wait_exit(nodes: list[subprocess.Popen[bytes]], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while any(n.poll() is None for n in nodes):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def _kill_all(nodes: list[subprocess.Popen[bytes]]) -> None:

@@ -32,7 +32,10 @@ class _SamplingFields(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
     model: str | None = Field(default=None, description="Served model id (see /v1/models); optional.")
-    max_tokens: int | None = Field(default=None, ge=1, description="Tokens to generate at most.")
+    max_tokens: int | None = Field(
+        default=None, ge=1,
+        description="Tokens to generate at most; default 16 for completions (as OpenAI), the rest of the context for chat.",
+    )
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 = greedy.")
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, description="Extension: keep the k most likely tokens; 0/-1 = all.")
@@ -72,6 +75,10 @@ class _SamplingFields(_Body):
     def include_usage(self) -> bool:
         """Whether a streamed response ends with a usage chunk."""
         return bool(self.stream_options and self.stream_options.include_usage)
+
+
+# OpenAI's legacy completions API generates 16 tokens when max_tokens is left out.
+COMPLETION_DEFAULT_MAX_TOKENS = 16
 
 
 class CompletionRequest(_SamplingFields):

@@ -1,0 +1,88 @@
+"""SIGTERM during streams: admission stops (503), every accepted stream finishes, everything exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import _descendants, start_run, write_largemodel
+
+STREAMS = 6  # more than maxBatchSize 4: two of them wait in the queue when SIGTERM arrives
+NEW_TOKENS = 160
+
+
+@pytest.fixture()
+def drain_server(tiny_model: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
+    lm_file = write_largemodel(tmp_path / "drain.yaml", "drain", tiny_model, max_batch=4, max_queue=8, max_len=256)
+    running = start_run(lm_file, tmp_path / "run.log", "--grace", "60")
+    try:
+        yield running
+    finally:
+        running.stop(timeout_s=5)
+
+
+async def _stream(client: httpx.AsyncClient, started: asyncio.Event, counter: list[int]) -> dict[str, object]:
+    body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": NEW_TOKENS, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    events: list[str] = []
+    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        assert resp.status_code == 200
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line[len("data: "):])
+            if len(events) == 1:  # the role chunk is sent only once the request was admitted
+                counter[0] += 1
+                if counter[0] == STREAMS:
+                    started.set()
+    parsed = [json.loads(e) for e in events[:-1]]
+    return {"done": events[-1] == "[DONE]", "usage": parsed[-1].get("usage"),
+            "finish": [c["finish_reason"] for p in parsed for c in p.get("choices", []) if c["finish_reason"]]}
+
+
+async def _scenario(base_url: str, proc_pid: int, send_term: object) -> tuple[list[dict[str, object]], list[int]]:
+    started, counter = asyncio.Event(), [0]
+    async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
+        streams = [asyncio.create_task(_stream(client, started, counter)) for _ in range(STREAMS)]
+        await asyncio.wait_for(started.wait(), 60)
+        send_term()  # type: ignore[operator]
+        late_statuses: list[int] = []
+        # New requests while draining: 503 (or refused once the listener is gone).
+        for _ in range(100):
+            try:
+                resp = await client.post("/v1/completions", json={"prompt": "late", "max_tokens": 1})
+                late_statuses.append(resp.status_code)
+                if resp.status_code == 503:
+                    assert resp.json()["error"]["type"] == "service_unavailable"
+                    break
+            except httpx.TransportError:
+                break
+            await asyncio.sleep(0.05)
+        return list(await asyncio.wait_for(asyncio.gather(*streams), 120)), late_statuses
+
+
+def test_sigterm_drains_streams_and_exits_zero(drain_server) -> None:  # type: ignore[no-untyped-def]
+    ranks = _descendants(drain_server.proc.pid)
+    assert ranks, "largemodel run started no rank processes"
+    results, late = asyncio.run(_scenario(
+        drain_server.base_url, drain_server.proc.pid, lambda: drain_server.proc.send_signal(signal.SIGTERM)))
+    for result in results:
+        assert result["done"] and result["finish"] == ["length"], result
+        assert result["usage"]["completion_tokens"] == NEW_TOKENS  # type: ignore[index]
+    assert 503 in late, f"no request was refused while draining: {late}"
+    assert drain_server.proc.wait(90) == 0, drain_server.log_text()[-4000:]
+    log = drain_server.log_text()
+    assert "server.draining" in log and "server.stopped drained=True" in log
+    alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
+    assert not alive, f"rank processes outlived largemodel run: {alive}"
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
