@@ -111,6 +111,9 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.level = logging.WARNING  # kopf's own INFO logs are not Events; ours go via kopf.event
     settings.networking.request_timeout = 60
     settings.watching.server_timeout = 300
+    # Only our children and their pods: the API server filters, so other workloads cost nothing.
+    for plural in ("statefulsets", "services", "pods"):
+        settings.watching.label_selectors[plural] = LABEL_NAME
     settings.watching.client_timeout = 330
     log.info("operator starting field_manager=%s resync_seconds=%s", config.field_manager, config.resync_seconds)
 

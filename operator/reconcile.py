@@ -326,7 +326,8 @@ def _valid_status(
         events.append(Event("Normal", "Planned", admitted))
     if replicas and conditions.flipped(old_conds, "Ready", True) and ready == replicas:
         events.append(Event("Normal", "Ready", f"all {replicas} group(s) ready"))
-    any_group = bool(views) or any(isinstance(a, Create) and a.obj.get("kind") == "StatefulSet" for a in p.actions)
+    any_group = (bool(views) or bool(p.history.groups)
+                 or any(isinstance(a, Create) and a.obj.get("kind") == "StatefulSet" for a in p.actions))
     phase = (
         "Degraded" if p.down else "Ready" if done else "Deploying" if any_group or not replicas else "Pending"
     )

@@ -314,3 +314,14 @@ def test_conflicts_and_server_errors_are_retried(cluster: MockCluster, kubelet: 
         assert len(posts) == 3  # two refused, the third created the group
         assert list(groups(cluster)) == ["smollm2-g0"]
     assert_within_rbac(cluster)
+
+
+def test_watches_are_filtered_by_the_name_label(cluster: MockCluster, kubelet: Kubelet) -> None:
+    cluster.create(core_path("pods", NS), {"metadata": {"name": "unrelated", "labels": {"app": "x"}}})
+    with running_operator(cluster, [NS]):
+        cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(EXAMPLE))
+        wait_for(lambda: phase(cluster) == "Ready", "phase Ready")
+    watches = {r.resource.plural: r.params.get("labelSelector", "") for r in operator_requests(cluster)
+               if r.resource is not None and r.params.get("watch") == "true"}
+    assert watches["pods"] == watches["statefulsets"] == watches["services"] == LABEL_NAME
+    assert watches["largemodels"] == ""
