@@ -1,0 +1,101 @@
+"""Weights load sliced per rank: each rank reads its rows/columns only and its memory stays near its shard."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from rank_world import HERE, child_env
+from safetensors.torch import save_file
+
+from largemodel.runtime.model import ModelConfigError
+from largemodel.runtime.parallel import ParallelContext, TensorParallelError
+from largemodel.runtime.weights import build_stage, parse_dtype
+
+HIDDEN, INNER, LAYERS, VOCAB = 1024, 4096, 4, 1000
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
+    """A 4-layer Llama of ~270 MB in fp32 (weights dominate a rank's memory), written tensor by tensor."""
+    root = tmp_path_factory.mktemp("wide")
+    config = {"model_type": "llama", "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": INNER,
+              "num_hidden_layers": LAYERS, "num_attention_heads": 8, "num_key_value_heads": 8,
+              "tie_word_embeddings": False, "rms_norm_eps": 1e-5}
+    (root / "config.json").write_text(json.dumps(config))
+    tensors = {"model.embed_tokens.weight": torch.ones(VOCAB, HIDDEN), "lm_head.weight": torch.ones(VOCAB, HIDDEN),
+               "model.norm.weight": torch.ones(HIDDEN)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            tensors[f"{p}.self_attn.{name}.weight"] = torch.ones(HIDDEN, HIDDEN)
+        tensors[f"{p}.mlp.gate_proj.weight"] = torch.ones(INNER, HIDDEN)
+        tensors[f"{p}.mlp.up_proj.weight"] = torch.ones(INNER, HIDDEN)
+        tensors[f"{p}.mlp.down_proj.weight"] = torch.ones(HIDDEN, INNER)
+        tensors[f"{p}.input_layernorm.weight"] = torch.ones(HIDDEN)
+        tensors[f"{p}.post_attention_layernorm.weight"] = torch.ones(HIDDEN)
+    save_file(tensors, str(root / "model.safetensors"))
+    return root, sum(t.numel() * 4 for t in tensors.values())
+
+
+def _measure(model_dir: Path, tp: int, pp: int, rank: int) -> dict[str, int]:
+    done = subprocess.run([sys.executable, str(HERE / "rss_main.py"), str(model_dir), str(tp), str(pp), str(rank)],
+                          env=child_env(), capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.timeout(120)
+def test_rank_memory_stays_near_its_shard(wide_checkpoint: tuple[Path, int]) -> None:
+    """tp=2 x pp=2: a rank's peak memory grows by about its quarter, far below the whole model."""
+    model_dir, total = wide_checkpoint
+    whole = _measure(model_dir, 1, 1, 0)
+    assert whole["peak"] - whole["before"] > 0.9 * total  # the measurement sees a full load
+    for rank in (0, 3):  # a first-stage and a last-stage rank
+        got = _measure(model_dir, 2, 2, rank)
+        grown = got["peak"] - got["before"]
+        assert got["shard"] < 0.3 * total
+        assert grown < min(got["shard"] + 0.15 * total, 0.5 * total), f"rank {rank} grew {grown / 2**20:.0f} MiB for a " \
+            f"{got['shard'] / 2**20:.0f} MiB shard of a {total / 2**20:.0f} MiB model"
+
+
+def test_bad_model_inputs_are_clear_errors(tmp_path: Path, checkpoints: dict[str, Any]) -> None:
+    """Missing files, unsupported architectures and impossible splits say what is wrong."""
+    cpu = torch.device("cpu")
+    with pytest.raises(ModelConfigError, match="config.json does not exist"):
+        build_stage(tmp_path, ParallelContext(), torch.float32, cpu, 1, 8)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 8, "hidden_size": 8,
+                                                      "intermediate_size": 8, "num_hidden_layers": 1,
+                                                      "num_attention_heads": 1}))
+    with pytest.raises(ModelConfigError, match="model_type 'gpt2' is not supported"):
+        build_stage(tmp_path, ParallelContext(), torch.float32, cpu, 1, 8)
+    config = json.loads((Path(checkpoints["models"]["gqa"]["dir"]) / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "yarn"}}))
+    with pytest.raises(ModelConfigError, match="rope type 'yarn' is not supported"):
+        build_stage(tmp_path, ParallelContext(), torch.float32, cpu, 1, 8)
+    gqa = Path(checkpoints["models"]["gqa"]["dir"])  # 8 heads, 2 KV heads
+    with pytest.raises(TensorParallelError, match="valid tp: 1, 2, 4, 8"):
+        build_stage(gqa, ParallelContext(tp=3), torch.float32, cpu, 1, 8)
+    with pytest.raises(ModelConfigError, match="pp=5 exceeds num_hidden_layers=4"):
+        build_stage(gqa, ParallelContext(pp=5), torch.float32, cpu, 1, 8)
+    with pytest.raises(ValueError, match="dtype 'int3' is not supported"):
+        parse_dtype("int3")
+
+
+def test_vocab_padding_and_kv_replication_shapes(checkpoints: dict[str, Any]) -> None:
+    """Prime vocab 131 at tp=4 pads to 33 rows per rank (last rank: 32 real + 1 zero); MQA keeps its one KV head."""
+    tied = Path(checkpoints["models"]["tied"]["dir"])
+    last = build_stage(tied, ParallelContext(tp=4, tp_rank=3), torch.float32, torch.device("cpu"), 1, 8)[0]
+    assert last.model.embed_tokens is not None and last.lm_head is not None
+    assert last.model.embed_tokens.weight.shape[0] == 33
+    assert torch.count_nonzero(last.model.embed_tokens.weight[-1]) == 0
+    assert last.lm_head.weight is last.model.embed_tokens.weight  # tied: one copy
+    mqa = build_stage(Path(checkpoints["models"]["mqa"]["dir"]), ParallelContext(tp=4, tp_rank=2), torch.float32,
+                      torch.device("cpu"), 1, 8)[0]
+    attn = mqa.model.layers["0"].self_attn
+    assert (attn.n_heads, attn.n_kv_heads) == (3, 1) and attn.k_proj.weight.shape[0] == attn.head_dim
