@@ -25,10 +25,10 @@ import kopf
 
 from largemodel import metrics
 from largemodel.operator import api
+from largemodel.operator.actions import Event
 from largemodel.operator.builders import LABEL_NAME
 from largemodel.operator.kubeclient import ApiError, KubeClient
 from largemodel.operator.passes import run_pass
-from largemodel.operator.reconcile import Event
 
 log = logging.getLogger(__name__)
 

@@ -17,9 +17,10 @@ from typing import Any
 
 from largemodel import metrics
 from largemodel.operator import api
+from largemodel.operator.actions import Create, Delete, Event, Observed, Patch, Result
 from largemodel.operator.builders import LABEL_NAME
 from largemodel.operator.kubeclient import KubeClient, resource_path
-from largemodel.operator.reconcile import Create, Delete, Event, Observed, Patch, Result, reconcile
+from largemodel.operator.reconcile import reconcile
 
 log = logging.getLogger(__name__)
 

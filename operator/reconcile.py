@@ -31,6 +31,7 @@ from typing import Any
 import pydantic
 
 from largemodel.operator import api, conditions
+from largemodel.operator.actions import Action, Create, Delete, Event, Observed, Patch, Result
 from largemodel.operator.builders import (
     build_client_service,
     build_group_statefulset,
@@ -56,71 +57,7 @@ from largemodel.operator.restarts import (
 
 Obj = Mapping[str, Any]
 
-
-@dataclass(frozen=True)
-class Observed:
-    """The children of one LargeModel as listed from the API server (by its name label)."""
-
-    statefulsets: Sequence[Obj] = ()
-    services: Sequence[Obj] = ()
-    pods: Sequence[Obj] = ()
-
-
-@dataclass(frozen=True)
-class Create:
-    """Create this object."""
-
-    obj: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Patch:
-    """JSON-merge-patch the named object."""
-
-    api_version: str
-    kind: str
-    name: str
-    patch: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Delete:
-    """Delete the named object (Foreground: dependents first), only if it still has `uid`."""
-
-    api_version: str
-    kind: str
-    name: str
-    uid: str
-
-
-Action = Create | Patch | Delete
-
-
-@dataclass(frozen=True)
-class Event:
-    """A Kubernetes Event about the LargeModel."""
-
-    type: str  # Normal | Warning
-    reason: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Result:
-    """Everything one pass decided."""
-
-    actions: tuple[Action, ...] = ()
-    events: tuple[Event, ...] = ()
-    status: dict[str, Any] | None = None  # the whole new status; None when unchanged
-    annotations: dict[str, str | None] | None = None  # metadata.annotations patch; None when unchanged
-    requeue_after: float | None = None  # run again after this many seconds even if nothing changes
-    group_states: dict[str, int] = field(default_factory=dict)
-    restarts: int = 0  # group restarts decided in this pass
-
-    @property
-    def writes(self) -> int:
-        """API writes this result makes (Events not counted)."""
-        return len(self.actions) + (self.status is not None) + (self.annotations is not None)
+__all__ = ["Action", "Create", "Delete", "Event", "Observed", "Patch", "Result", "admit", "reconcile"]
 
 
 def admit(body: Obj) -> tuple[api.LargeModel | None, Plan | None, str]:
