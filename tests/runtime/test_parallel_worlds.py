@@ -39,6 +39,11 @@ def test_world_matches_transformers(tp: int, pp: int, checkpoints: dict[str, Any
         for i, (want, have) in enumerate(zip(ref["tokens"], got["tokens"], strict=True)):
             assert have == want, f"{v.name} prompt {i} tp={tp} pp={pp}: tokens differ from transformers"
         torch.testing.assert_close(torch.tensor(got["logits"]), torch.tensor(ref["logits"]), atol=1e-4, rtol=1e-4)
+        if tp > 1:  # every all-reduce counted; one in LARGEMODEL_COLLECTIVE_SAMPLE_EVERY (16) timed
+            c = results[v.name]["collectives"]
+            assert c["calls"] == c["forwards"] * (2 * results[v.name]["stage0_layers"] + 1), c
+            assert c["bytes"] > 0 and c["bytes"] % 4 == 0, c
+            assert 0 < c["timed"] <= c["calls"] // 16 + 1, c
         seeded = results[v.name]["seeded"]["tokens"]
         assert seeded == seeded_single_process[v.name], f"{v.name}: seeded sampling differs from tp=1,pp=1"
         # Sampling really sampled: the seeded run leaves the greedy path somewhere.

@@ -41,6 +41,23 @@ def drive(engine: Engine, prompts: list[list[int]], new_tokens: int, sampling: S
     return {"tokens": [out[i] for i in range(3)], "logits": [all_logits[i] for i in range(3)]}
 
 
+def collective_counts() -> dict[str, float]:
+    """This process's all-reduce calls/bytes/timed samples (TP group) and stage-0 forwards so far."""
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    tp = {"op": "all_reduce", "group": "tp", "backend": "gloo"}
+    return {
+        "calls": value("largemodel_collective_calls_total", **tp),
+        "bytes": value("largemodel_collective_bytes_total", **tp),
+        "timed": value("largemodel_collective_seconds_count", **tp),
+        "forwards": sum(value("largemodel_stage_step_seconds_count", stage="0", phase=phase)
+                        for phase in ("prefill", "decode")),
+    }
+
+
 def main() -> int:
     spec = json.loads(Path(sys.argv[1]).read_text())
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -57,11 +74,15 @@ def main() -> int:
             worker_loop(model, ctx)
             continue
         engine = Engine(model, ctx, micro_batches=spec.get("micro_batches", 2))
+        before = collective_counts()
         results[entry["name"]] = {
             name: drive(engine, spec["prompts"], run["new_tokens"], SamplingParams(**run["params"]))
             for name, run in spec["samplings"].items()
         }
         engine.shutdown()
+        after = collective_counts()
+        results[entry["name"]]["collectives"] = {k: after[k] - before[k] for k in after}
+        results[entry["name"]]["stage0_layers"] = len(model.model.layers) if hasattr(model, "model") else 0
     if rank == 0:
         Path(spec["out"]).write_text(json.dumps(results))
     dist.destroy_process_group()
