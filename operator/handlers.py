@@ -56,6 +56,8 @@ class _Runtime:
     config: OperatorConfig = field(default_factory=OperatorConfig)
     connection: kopf.ConnectionInfo | None = None
     client: KubeClient | None = None
+    client_for: kopf.ConnectionInfo | None = None  # the credentials the client was built with
+    settings: kopf.OperatorSettings | None = None
     wakeups: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     failures: dict[tuple[str, str], int] = field(default_factory=dict)
     group_states: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
@@ -69,12 +71,25 @@ def configure(config: OperatorConfig) -> None:
     _rt.config = config
 
 
-def _client() -> KubeClient:
-    if _rt.client is None:
-        if _rt.connection is None:
-            raise kopf.TemporaryError("no API credentials yet", delay=1)
+async def _client() -> KubeClient:
+    if _rt.connection is None:
+        raise kopf.TemporaryError("no API credentials yet", delay=1)
+    if _rt.client is None or _rt.client_for is not _rt.connection:
+        if _rt.client is not None:
+            await _rt.client.close()
         _rt.client = KubeClient(_rt.connection, _rt.config.field_manager)
+        _rt.client_for = _rt.connection
     return _rt.client
+
+
+def _relogin() -> None:
+    # Service account tokens rotate: on a 401 read the credentials again (the next pass rebuilds
+    # the client) instead of retrying forever with an expired token.
+    if _rt.settings is not None:
+        try:
+            _load_credentials(_rt.settings)
+        except kopf.LoginError as err:
+            log.warning("re-login failed error=%s", err)
 
 
 def _wake(namespace: str | None, name: str | None) -> None:
@@ -99,6 +114,7 @@ def _publish_group_states() -> None:
 async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     """kopf settings: one operator replica, no cluster scanning, Events under our own name."""
     config = _rt.config
+    _rt.settings = settings
     # Fresh per-run state: tests run several operators one after another in one process.
     _rt.wakeups.clear()
     _rt.failures.clear()
@@ -118,14 +134,18 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     log.info("operator starting field_manager=%s resync_seconds=%s", config.field_manager, config.resync_seconds)
 
 
-@kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo:
-    """In-cluster service account, else kubeconfig; the reconcile client uses the same credentials."""
-    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+def _load_credentials(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+    info = kopf.login_with_service_account(settings=settings) or kopf.login_with_kubeconfig(settings=settings)
     if info is None:
         raise kopf.LoginError("no service account token and no kubeconfig (KUBECONFIG or ~/.kube/config)")
     _rt.connection = info
     return info
+
+
+@kopf.on.login()
+def login(settings: kopf.OperatorSettings, **_: Any) -> kopf.ConnectionInfo:
+    """In-cluster service account, else kubeconfig; the reconcile client uses the same credentials."""
+    return _load_credentials(settings)
 
 
 @kopf.on.cleanup()
@@ -133,7 +153,7 @@ async def cleanup(**_: Any) -> None:
     """Close the reconcile client."""
     if _rt.client is not None:
         await _rt.client.close()
-        _rt.client = None
+        _rt.client = _rt.client_for = None
 
 
 @kopf.on.event(api.GROUP, api.VERSION, api.PLURAL)
@@ -170,8 +190,10 @@ async def largemodel_daemon(namespace: str | None, name: str, stopped: kopf.Daem
         while not stopped:
             wake.clear()
             try:
-                result = await run_pass(_client(), namespace, name, _post_event)
+                result = await run_pass(await _client(), namespace, name, _post_event)
             except ApiError as err:
+                if err.status == 401:
+                    _relogin()
                 failures = _rt.failures[key] = _rt.failures.get(key, 0) + 1
                 metrics.OPERATOR_RECONCILES.labels(result="retry" if err.transient else "error").inc()
                 delay = min(0.5 * 2 ** (failures - 1), config.max_retry_delay)

@@ -91,21 +91,26 @@ class K8sMock(kmock.KubernetesEmulator):
     """The emulator with identity, versioning, subresources, selectors and cascading deletion."""
 
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
-    # Injected failures: [method, plural, subresource, status, times left]; see fail_next().
+    # Injected failures: [method, plural, subresource, name, agent, status, times left]; see fail_next().
     _faults: list[list[Any]] = attrs.field(factory=list, init=False)
 
-    def fail_next(self, method: str, plural: str, status: int, *, times: int = 1, subresource: str = "") -> None:
-        """Answer the next `times` matching requests with `status` (e.g. 409, 503) instead of serving them."""
-        self._faults.append([method.upper(), plural, subresource, status, times])
+    def fail_next(
+        self, method: str, plural: str, status: int, *, times: int = 1, subresource: str = "", name: str = "",
+        agent: str = "",
+    ) -> None:
+        """Answer the next `times` matching requests (of a User-Agent prefix) with `status` (e.g. 409, 503)."""
+        self._faults.append([method.upper(), plural, subresource, name, agent, status, times])
 
     def _injected_fault(self, request: rendering.Request) -> ApiStatusError | None:
         assert request.resource is not None
         for fault in self._faults:
-            method, plural, sub, status, left = fault
+            method, plural, sub, name, agent, status, left = fault
             if left > 0 and method == str(request.method.value) and plural == request.resource.plural \
-                    and sub == (request.subresource or ""):
-                fault[4] -= 1
-                reason = {409: "Conflict", 429: "TooManyRequests", 500: "InternalError"}.get(status, "ServiceUnavailable")
+                    and sub == (request.subresource or "") and name in ("", request.name) \
+                    and str(request.headers.get("User-Agent", "")).startswith(agent):
+                fault[6] -= 1
+                reason = {401: "Unauthorized", 409: "Conflict", 429: "TooManyRequests", 500: "InternalError"}.get(
+                    status, "ServiceUnavailable")
                 return ApiStatusError(status, reason, f"injected by the test ({status})")
         return None
 
@@ -380,6 +385,9 @@ class K8sMock(kmock.KubernetesEmulator):
         result: Any = await super()._serve_version(request)
         # kmock writes the core group's groupVersion as "/v1"; kubectl then cannot map pods.
         result["groupVersion"] = str(result["groupVersion"]).lstrip("/")
+        for entry in result["resources"]:
+            if "/" in entry["name"]:  # subresources have no short names (kubectl warns of ambiguity)
+                entry["shortNames"], entry["categories"], entry["singularName"] = [], [], ""
         return result
 
     @override

@@ -313,6 +313,11 @@ def test_conflicts_and_server_errors_are_retried(cluster: MockCluster, kubelet: 
         posts = [r for r in operator_writes(cluster) if str(r.method.value) == "POST" and r.resource.plural == "statefulsets"]
         assert len(posts) == 3  # two refused, the third created the group
         assert list(groups(cluster)) == ["smollm2-g0"]
+        # An expired token (401) makes the operator read its credentials again and carry on.
+        cluster.mock.fail_next("GET", "largemodels", 401, name="smollm2", agent="largemodel-operator")
+        cluster.patch(lm_path(NS, "smollm2"), {"spec": {"replicas": 2}})
+        wait_for(lambda: model(cluster)["status"]["readyReplicas"] == 2, "scaled to 2 after the 401", timeout=30)
+        assert not any(f[-1] for f in cluster.mock._faults)  # every injected error was hit
     assert_within_rbac(cluster)
 
 
