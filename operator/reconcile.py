@@ -166,6 +166,8 @@ def _start_missing(p: _Pass, index: int, plan: Plan, revision: str) -> None:
     sts = build_group_statefulset(p.lm, plan, index, revision)
     p.actions.append(Create(sts))
     p.states[index] = "Starting"
+    if record.down:  # back from Down once the window let go of old restarts: that is a restart too
+        p.restarts += 1
     again = " again" if record.total or record.down else ""
     p.info(
         "CreatedGroup",

@@ -161,7 +161,8 @@ def test_crash_loop_exhausts_budget_then_degraded() -> None:
     idle = world.step()
     assert idle.writes == 0 and idle.events == () and 0 < idle.requeue_after <= 600
     world.now += datetime.timedelta(seconds=idle.requeue_after)
-    assert _kinds(world.step()) == [("create", "StatefulSet", "smollm2-g0")]
+    back = world.step()
+    assert _kinds(back) == [("create", "StatefulSet", "smollm2-g0")] and back.restarts == 1
     world.converge()
     assert world.lm["status"]["phase"] == "Ready" and _cond(world.lm["status"], "Degraded")[0] == "False"
 
