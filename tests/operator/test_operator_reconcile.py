@@ -262,3 +262,19 @@ def test_bad_edit_keeps_serving_the_last_valid_spec() -> None:
     assert _cond(status, "Ready") == ("True", "LastValidSpec") and status["readyReplicas"] == 2
     assert world.groups() == ["smollm2-g0", "smollm2-g1"]
     assert world.step().writes == 0
+
+
+def test_rollout_two_at_a_time() -> None:
+    world = World(example_lm(replicas=4, rollout={"maxUnavailableGroups": 2}))
+    world.converge()
+    world.edit(image="largemodel-runtime:0.2.0")
+    assert _kinds(world.step()) == [("delete", "StatefulSet", "smollm2-g3"), ("delete", "StatefulSet", "smollm2-g2")]
+    creates = world.step()  # the two come back at the new revision; g1, g0 wait for them
+    assert _kinds(creates) == [("create", "StatefulSet", "smollm2-g2"), ("create", "StatefulSet", "smollm2-g3")]
+    assert _kinds(world.step()) == []  # no pods yet: nothing else may go down
+    world.run_pods()
+    # The pass that sees g2 and g3 Ready records their members and takes down the next two.
+    assert _kinds(world.step()) == [
+        ("patch", "StatefulSet", "smollm2-g2"), ("patch", "StatefulSet", "smollm2-g3"),
+        ("delete", "StatefulSet", "smollm2-g1"), ("delete", "StatefulSet", "smollm2-g0"),
+    ]
