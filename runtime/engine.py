@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -88,8 +89,8 @@ class Engine:
         self._io = StageIO(ctx, model)
         self._sampler = Sampler(self.max_batch_size) if ctx.pp == 1 else None
         self._lock = threading.RLock()
-        self._next_ticket = self._next_receive = 0
-        self._in_flight: dict[int, MicroBatch] = {}
+        self._next_ticket = 0
+        self._in_flight: dict[int, tuple[list[Any], Tensor, Tensor | None]] = {}
         self._done: dict[int, tuple[list[int], Tensor | None]] = {}
         self._last_activity = time.monotonic()
         self._closed = False
@@ -173,26 +174,29 @@ class Engine:
             self._done[ticket] = done
         else:
             self._io.send_next(mb, out)
-            self._in_flight[ticket] = mb
+            # Post the receive for the answer now: the last stage's send completes only once a
+            # receive is posted, and it must never wait on rank 0 while rank 0 feeds stage 0.
+            src, device = self.ctx.stage_rank(self.ctx.pp - 1, 0), self.ctx.device
+            tokens = torch.empty(len(mb.slots), dtype=torch.int64, device=device)
+            works = [self.ctx.irecv(tokens, src)]
+            logits = None
+            if want_logits:
+                logits = torch.empty(len(mb.slots), self.vocab_size, dtype=torch.float32, device=device)
+                works.append(self.ctx.irecv(logits, src))
+            self._in_flight[ticket] = (works, tokens, logits)
         self._last_activity = time.monotonic()
         return ticket
 
     def result(self, ticket: int) -> tuple[list[int], Tensor | None]:
         """Tokens (and logits if asked) of a submitted micro-batch; waits for it to leave the pipeline."""
         with self._lock, self._group_failures():
-            while ticket not in self._done:
-                if self._next_receive not in self._in_flight:
-                    raise KeyError(f"unknown ticket {ticket}")
-                # The last stage answers in submission order, so receive in that order.
-                mb = self._in_flight.pop(self._next_receive)
-                src = self.ctx.stage_rank(self.ctx.pp - 1, 0)
-                tokens = self.ctx.recv(torch.empty(len(mb.slots), dtype=torch.int64, device=self.ctx.device), src)
-                logits = None
-                if mb.want_logits:
-                    logits = torch.empty(len(mb.slots), self.vocab_size, dtype=torch.float32, device=self.ctx.device)
-                    self.ctx.recv(logits, src)
-                self._done[self._next_receive] = (tokens.tolist(), logits)
-                self._next_receive += 1
+            if ticket in self._in_flight:
+                works, tokens, logits = self._in_flight.pop(ticket)
+                for work in works:
+                    work.wait()
+                self._done[ticket] = (tokens.tolist(), logits)
+            if ticket not in self._done:
+                raise KeyError(f"unknown ticket {ticket}")
             self._last_activity = time.monotonic()
             return self._done.pop(ticket)
 

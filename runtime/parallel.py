@@ -155,6 +155,11 @@ class ParallelContext:
         self._track("send", "pp", tensor)
         return dist.isend(tensor, dst=dst, group=self.pp_group)
 
+    def irecv(self, tensor: Tensor, src: int) -> Any:
+        """Post a receive of `tensor` from global rank `src`; returns the work to wait on."""
+        self._track("recv", "pp", tensor)
+        return dist.irecv(tensor, src=src, group=self.pp_group)
+
     def recv(self, tensor: Tensor, src: int) -> Tensor:
         """Receive `tensor` from global rank `src`, blocking."""
         self._timed("recv", "pp", tensor, lambda: dist.recv(tensor, src=src, group=self.pp_group))

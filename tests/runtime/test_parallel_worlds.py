@@ -28,7 +28,7 @@ def test_world_matches_transformers(tp: int, pp: int, checkpoints: dict[str, Any
     spec = {
         "models": [{"name": v.name, "dir": checkpoints["models"][v.name]["dir"]} for v in variants],
         "prompts": checkpoints["prompts"], "samplings": SAMPLINGS,
-        "micro_batches": 2, "out": str(tmp_path / "out.json"),
+        "micro_batches": 3, "out": str(tmp_path / "out.json"),
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     codes = run_world(tp, pp, "world_main.py", [str(tmp_path / "spec.json")], timeout_s=100, log_dir=tmp_path)
