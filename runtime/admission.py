@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from largemodel.runtime.scheduler import AdmissionError, GenerationRequest, Scheduler
+from largemodel.runtime.generation import AdmissionError, GenerationRequest
+from largemodel.runtime.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from largemodel.runtime.admission import build_request, encode_chat, encode_text
-from largemodel.runtime.scheduler import AdmissionError, QueueFullError, UnavailableError
+from largemodel.runtime.generation import AdmissionError, QueueFullError, UnavailableError
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from largemodel.runtime import protocol as p
 from largemodel.runtime.admission import build_request, encode_chat, encode_text
-from largemodel.runtime.scheduler import AdmissionError, Chunk, QueueFullError, RequestStream
+from largemodel.runtime.generation import AdmissionError, Chunk, QueueFullError, RequestStream
 
 log = logging.getLogger(__name__)
 

@@ -12,17 +12,23 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from largemodel import metrics
 from largemodel.runtime.detokenize import IncrementalDetokenizer, find_stop, stop_prefix_holdback
+from largemodel.runtime.generation import (
+    AdmissionError,
+    Chunk,
+    FinishReason,
+    GenerationRequest,
+    QueueFullError,
+    RequestStream,
+    UnavailableError,
+)
 
 log = logging.getLogger(__name__)
-
-FinishReason = str  # "stop" | "length" | "abort" | "error"
-
 
 class EngineLike(Protocol):
     """The part of largemodel.runtime.engine.Engine the scheduler uses."""
@@ -31,60 +37,9 @@ class EngineLike(Protocol):
     max_model_len: int
     eos_token_ids: list[int]
 
+    micro_batches: int
+
     def step(self, batch: list[Any]) -> list[int]: ...
-
-
-class AdmissionError(Exception):
-    """A request the scheduler will not take; `status` is the HTTP status that says why."""
-
-    status = 400
-    code = "invalid_request"
-    param: str | None = None
-
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
-
-
-class QueueFullError(AdmissionError):
-    """Every batch slot is busy and the waiting queue is at serving.maxQueue."""
-
-    status = 429
-    code = "queue_full"
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class UnavailableError(AdmissionError):
-    """The server is draining for shutdown, or its engine failed."""
-
-    status = 503
-    code = "unavailable"
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A tokenized request: what the HTTP and gRPC layers hand to the scheduler."""
-
-    prompt_tokens: list[int]
-    max_tokens: int
-    sampling: Any  # largemodel.runtime.engine.SamplingParams
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """Text and tokens produced by one step for one request; the last one has a finish_reason."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason | None
-    prompt_tokens: int
-    completion_tokens: int
 
 
 @dataclass
@@ -100,35 +55,20 @@ class _Sequence:
     text: str = ""
     emitted: int = 0
     last_token_at: float = 0.0
+    prefilled: bool = False
 
 
-class RequestStream:
-    """Async iterator over the chunks of one request; `cancel()` when the client goes away."""
+@dataclass
+class _Lane:
+    """Sequences that travel the pipeline together: at most one batch of a lane is in flight.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_tokens: int) -> None:
-        self._loop = loop
-        self._queue: asyncio.Queue[Chunk] = asyncio.Queue()
-        self.prompt_tokens = prompt_tokens
-        self.cancelled = False
-        self.finished = False
+    With M lanes, M batches are in the pipeline at once, so in decode every stage works on
+    some lane while the others are on other stages (the engine's submit/result).
+    """
 
-    def _push(self, chunk: Chunk) -> None:
-        """Called from the engine thread."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
-
-    def cancel(self) -> None:
-        """Stop generating for this request at the next step."""
-        self.cancelled = True
-
-    def __aiter__(self) -> AsyncIterator[Chunk]:
-        return self._iterate()
-
-    async def _iterate(self) -> AsyncIterator[Chunk]:
-        while not self.finished:
-            chunk = await self._queue.get()
-            if chunk.finish_reason is not None:
-                self.finished = True
-            yield chunk
+    seqs: list[_Sequence] = field(default_factory=list)
+    ticket: Any = None
+    in_flight: list[_Sequence] = field(default_factory=list)
 
 
 class Scheduler:
@@ -162,6 +102,14 @@ class Scheduler:
         self._draining = False
         self.failure: BaseException | None = None
         self.on_failure: Callable[[BaseException], None] | None = None
+        # An engine with submit/result (largemodel's does) keeps one batch per lane in flight, so
+        # pipeline stages overlap across decode steps; otherwise one step() at a time.
+        self._submit_batch: Callable[[list[Any]], Any] | None = getattr(engine, "submit", None)
+        self._batch_result: Callable[[Any], tuple[list[int], Any]] | None = getattr(engine, "result", None)
+        if self._submit_batch is None or self._batch_result is None:
+            self._submit_batch = self._batch_result = None
+        self._pipelined = self._submit_batch is not None
+        self._lanes = [_Lane() for _ in range(max(1, engine.micro_batches) if self._pipelined else 1)]
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
 
     # ---- asyncio side -------------------------------------------------------------------------
@@ -257,25 +205,28 @@ class Scheduler:
     # ---- engine thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
-        log.info("scheduler.start max_batch_size=%d max_queue=%d max_model_len=%d",
-                 self.max_batch_size, self.max_queue, self.max_model_len)
+        log.info("scheduler.start max_batch_size=%d max_queue=%d max_model_len=%d lanes=%d pipelined=%s",
+                 self.max_batch_size, self.max_queue, self.max_model_len, len(self._lanes), self._pipelined)
+        in_flight: collections.deque[_Lane] = collections.deque()  # oldest first: results come in order
         try:
             while True:
                 with self._cond:
-                    while not self._stopping and not self._waiting and not self._running:
+                    while not (self._stopping or in_flight or self._waiting or self._running):
                         self._cond.wait()
-                    if self._stopping:
+                    if self._stopping and not in_flight:
                         break
-                    prefills = self._admit()
-                    batch = self._build_batch(prefills)
-                if batch:
-                    seqs = [seq for seq, _ in batch]
-                    try:
-                        tokens = self.engine.step([inp for _, inp in batch])
-                    except self._input_errors as exc:
-                        log.error("scheduler.batch_rejected requests=%d error=%s", len(seqs), exc)
-                        self._release(seqs, "error")
-                        continue
+                    if not self._stopping:
+                        self._admit()
+                    plans = [] if self._stopping else [
+                        (lane, self._build_batch(lane)) for lane in self._lanes if lane.ticket is None
+                    ]
+                for lane, batch in plans:
+                    if batch and self._launch(lane, batch):
+                        in_flight.append(lane)
+                if in_flight:
+                    lane = in_flight.popleft()
+                    tokens = self._batch_result(lane.ticket)[0] if self._batch_result else lane.ticket
+                    seqs, lane.ticket, lane.in_flight = lane.in_flight, None, []
                     self._consume(seqs, tokens)
         except BaseException as exc:  # noqa: BLE001 - a broken engine must fail requests, not hang them
             log.exception("scheduler.engine_failed error=%r", exc)
@@ -292,15 +243,25 @@ class Scheduler:
                 self._finish(seq, reason)
             log.info("scheduler.stop aborted=%d", len(leftovers))
 
-    def _admit(self) -> set[int]:
-        """Move waiting requests into free slots (lock held); return the slots that need a prefill."""
-        for slot, seq in list(self._running.items()):
-            if seq.stream.cancelled:
-                del self._running[slot]
-                self._free_slots.append(slot)
-                self._finish(seq, "abort")
-        prefills: set[int] = set()
-        budget = self._max_prefill_tokens
+    def _launch(self, lane: _Lane, batch: list[tuple[_Sequence, Any]]) -> bool:
+        """Start one lane's batch through the pipeline; False when the engine refused its input."""
+        seqs = [seq for seq, _ in batch]
+        inputs = [inp for _, inp in batch]
+        try:
+            # Without submit/result the engine runs the batch now and the "ticket" is its tokens.
+            lane.ticket = self._submit_batch(inputs) if self._submit_batch else self.engine.step(inputs)
+        except self._input_errors as exc:
+            log.error("scheduler.batch_rejected requests=%d error=%s", len(seqs), exc)
+            self._release(seqs, "error")
+            return False
+        lane.in_flight = seqs
+        for seq in seqs:
+            seq.prefilled = True
+        return True
+
+    def _admit(self) -> None:
+        """Move waiting requests into free slots and the emptiest lanes (lock held)."""
+        prefill_tokens = 0
         while self._waiting and self._free_slots:
             seq = self._waiting[0]
             if seq.stream.cancelled:
@@ -308,30 +269,31 @@ class Scheduler:
                 self._finish(seq, "abort")
                 continue
             cost = len(seq.request.prompt_tokens)
-            if prefills and cost > budget:
-                break
+            if prefill_tokens and prefill_tokens + cost > self._max_prefill_tokens:
+                break  # bounds the prefill work one iteration adds, so running streams keep their pace
             self._waiting.popleft()
-            budget -= cost
+            prefill_tokens += cost
             seq.slot = self._free_slots.pop()
             self._running[seq.slot] = seq
-            prefills.add(seq.slot)
+            min(self._lanes, key=lambda lane: len(lane.seqs)).seqs.append(seq)
         metrics.REQUESTS_WAITING.set(len(self._waiting))
         metrics.REQUESTS_RUNNING.set(len(self._running))
-        return prefills
 
-    def _build_batch(self, prefills: set[int]) -> list[tuple[_Sequence, Any]]:
-        """One SeqInput per running sequence: the prompt for new ones, the last token for the rest."""
+    def _build_batch(self, lane: _Lane) -> list[tuple[_Sequence, Any]]:
+        """One SeqInput per sequence of an idle lane: the prompt for new ones, the last token for the rest."""
+        cancelled = [seq for seq in lane.seqs if seq.stream.cancelled]
+        for seq in cancelled:
+            self._finish(seq, "abort")
+            self._forget(seq)
         batch = []
-        for slot, seq in sorted(self._running.items()):
+        for seq in lane.seqs:
             prompt = seq.request.prompt_tokens
-            if slot in prefills:
-                inp = self._seq_input(slot=slot, tokens=list(prompt), start_pos=0, sampling=seq.request.sampling)
+            if not seq.prefilled:
+                tokens, pos = list(prompt), 0
             else:
-                pos = len(prompt) + len(seq.generated) - 1
-                inp = self._seq_input(
-                    slot=slot, tokens=[seq.generated[-1]], start_pos=pos, sampling=seq.request.sampling
-                )
-            batch.append((seq, inp))
+                tokens, pos = [seq.generated[-1]], len(prompt) + len(seq.generated) - 1
+            batch.append((seq, self._seq_input(slot=seq.slot, tokens=tokens, start_pos=pos,
+                                               sampling=seq.request.sampling)))
         self._update_kv_gauge()
         return batch
 
@@ -379,7 +341,7 @@ class Scheduler:
                 end = len(seq.text) - stop_prefix_holdback(seq.text, request.stop)
                 text = seq.text[seq.emitted:end]
                 seq.emitted = max(seq.emitted, end)
-                seq.stream._push(Chunk(text, [token], None, len(request.prompt_tokens), len(seq.generated)))
+                seq.stream.push(Chunk(text, [token], None, len(request.prompt_tokens), len(seq.generated)))
         if finished:
             self._release(finished)
 
@@ -390,17 +352,24 @@ class Scheduler:
                 self._finish(seq, reason)
         with self._cond:
             for seq in seqs:
-                if self._running.get(seq.slot) is seq:
-                    del self._running[seq.slot]
-                    self._free_slots.append(seq.slot)
+                self._forget(seq)
             metrics.REQUESTS_RUNNING.set(len(self._running))
             self._update_kv_gauge()
+
+    def _forget(self, seq: _Sequence) -> None:
+        """Take a finished sequence out of its slot and lane (lock held)."""
+        if self._running.get(seq.slot) is seq:
+            del self._running[seq.slot]
+            self._free_slots.append(seq.slot)
+        for lane in self._lanes:
+            if seq in lane.seqs:
+                lane.seqs.remove(seq)
 
     def _finish(self, seq: _Sequence, reason: FinishReason, token_ids: list[int] | None = None) -> None:
         """Send the final chunk of a sequence and record its metrics."""
         text = seq.text[seq.emitted:]
         seq.emitted = len(seq.text)
-        seq.stream._push(
+        seq.stream.push(
             Chunk(text, token_ids or [], reason, len(seq.request.prompt_tokens), len(seq.generated))
         )
         status = {"stop": metrics.STATUS_OK, "length": metrics.STATUS_OK, "abort": metrics.STATUS_CANCELLED}
