@@ -90,6 +90,7 @@ _ENDPOINT = {
         "path": {"type": "string", "pattern": "^/"},
         "interval": _DURATION,
         "scrapeTimeout": _DURATION,
+        "honorLabels": {"type": "boolean"},
         "relabelings": {"type": "array", "items": _RELABELING},
     },
 }
@@ -324,6 +325,8 @@ def test_servicemonitor_selects_the_operator_metrics_service() -> None:
     assert selector.items() <= service["metadata"]["labels"].items()
     assert service["spec"]["selector"].items() <= deployment["spec"]["template"]["metadata"]["labels"].items()
     assert monitor["spec"]["endpoints"][0]["port"] in {p["name"] for p in service["spec"]["ports"]}
+    # operator series label the LargeModel's namespace; Prometheus must keep it, not rename it
+    assert monitor["spec"]["endpoints"][0]["honorLabels"] is True
 
 
 def test_prometheusrule_wraps_the_alert_rules_file() -> None:
