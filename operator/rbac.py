@@ -20,6 +20,10 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [api.GROUP], "resources": [api.PLURAL], "verbs": ["get", "list", "watch", "patch"]},
     # patch: status is written once per pass, only when it changed.
     {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "verbs": ["patch"]},
+    # update on finalizers: never called directly, but every child carries an ownerReference with
+    # blockOwnerDeletion=true, and clusters that enforce owner-reference permissions
+    # (OwnerReferencesPermissionEnforcement, e.g. OpenShift) require it of whoever sets that flag.
+    {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/finalizers"], "verbs": ["update"]},
     # list/watch: observe the group StatefulSets (by name label) and wake on their changes.
     # create: start a group. patch: record the group's member pods once. delete: recreate a broken
     # or outdated group, remove groups on scale-down.

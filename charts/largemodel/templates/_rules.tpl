@@ -11,6 +11,11 @@ when they differ); operator/rbac.py says in detail why each verb is needed.
 - apiGroups: ["serving.largemodel.io"]
   resources: ["largemodels/status"]
   verbs: ["patch"]
+# Children carry ownerReferences with blockOwnerDeletion=true; clusters enforcing owner-reference
+# permissions require update on the owner's finalizers for that.
+- apiGroups: ["serving.largemodel.io"]
+  resources: ["largemodels/finalizers"]
+  verbs: ["update"]
 # One StatefulSet per rank group: created, recreated (delete) when broken or outdated, removed on
 # scale-down; patch records the group's member pods.
 - apiGroups: ["apps"]
