@@ -87,6 +87,11 @@ def main(argv: list[str]) -> int:
     serving = lm.spec.serving
     http_port = _pick_port(args.port, serving.http_port)
     grpc_port = _pick_port(args.grpc_port, serving.grpc_port)
+    for flag, port in (("--port", http_port), ("--grpc-port", grpc_port)):
+        if _port_busy(port):
+            print(f"largemodel run: error: port {port} on {LOCALHOST} is in use; pass {flag} N (0 picks a free one)",
+                  file=sys.stderr)
+            return EXIT_USAGE
     group = envcontract.RankGroupEnv(
         master_addr=LOCALHOST, master_port=free_port_pair(), tp=plan.tp, pp=plan.pp, group_index=0,
         model_uri=model_dir.resolve().as_uri(), model_dtype=lm.spec.model.dtype, micro_batches=plan.micro_batches,

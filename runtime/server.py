@@ -197,8 +197,9 @@ async def _serve(state: ServingState, settings: ServerSettings) -> int:
     idle = await state.scheduler.wait_idle(settings.drain_grace_s)
     if not idle:
         log.warning("server.drain_timeout aborting=%d", state.scheduler.in_flight)
-    # Aborted leftovers get their final chunk here, before the servers wait for their streams.
-    state.scheduler.stop()
+    # Aborted leftovers get their final chunk here, before the servers wait for their streams;
+    # joining the engine thread off the loop keeps those chunks flowing meanwhile.
+    await asyncio.to_thread(state.scheduler.stop)
     http.should_exit = True
     await asyncio.gather(http_task, grpc_server.stop(grace=5), return_exceptions=True)
     failed = state.scheduler.failure is not None

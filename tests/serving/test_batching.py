@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import grpc
-from conftest import RunningServer
 
 from largemodel.runtime.grpc_server import load_stubs
+
+from .world import RunningServer
 
 pb2, pb2_grpc = load_stubs()
 WORDS = ["parser", "json", "logging", "wrap", "indent", "handler", "format", "argument"]

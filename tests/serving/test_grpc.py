@@ -6,11 +6,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import RunningServer
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from oracle import chat_ids, decode, greedy, text_ids
 
 from largemodel.runtime.grpc_server import SERVICE_NAME, load_stubs
+
+from .oracle import chat_ids, decode, greedy, text_ids
+from .world import RunningServer
 
 pb2, pb2_grpc = load_stubs()
 

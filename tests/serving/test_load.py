@@ -7,7 +7,8 @@ import json
 import urllib.request
 
 import httpx
-from conftest import RunningServer
+
+from .world import RunningServer
 
 STREAMS = 64  # twice maxBatchSize (8) + maxQueue (24)
 NEW_TOKENS = 24

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import RunningServer, post_json
-from oracle import chat_ids, decode, greedy, text_ids
+
+from .oracle import chat_ids, decode, greedy, text_ids
+from .world import RunningServer, post_json
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a parser."}]
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import _descendants, start_run, write_largemodel
+
+from .world import descendants, start_run, write_largemodel
 
 STREAMS = 6  # more than maxBatchSize 4: two of them wait in the queue when SIGTERM arrives
 NEW_TOKENS = 160
@@ -66,7 +67,7 @@ async def _scenario(base_url: str, proc_pid: int, send_term: object) -> tuple[li
 
 
 def test_sigterm_drains_streams_and_exits_zero(drain_server) -> None:  # type: ignore[no-untyped-def]
-    ranks = _descendants(drain_server.proc.pid)
+    ranks = descendants(drain_server.proc.pid)
     assert ranks, "largemodel run started no rank processes"
     results, late = asyncio.run(_scenario(
         drain_server.base_url, drain_server.proc.pid, lambda: drain_server.proc.send_signal(signal.SIGTERM)))
@@ -86,3 +87,17 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].split("\n")[0].lower()
     except (OSError, IndexError):
         return "zombie"
+
+
+def test_ctrl_c_stops_every_rank(tiny_model: Path, tmp_path: Path) -> None:
+    lm_file = write_largemodel(tmp_path / "ctrlc.yaml", "ctrlc", tiny_model)
+    running = start_run(lm_file, tmp_path / "run.log")
+    try:
+        ranks = descendants(running.proc.pid)
+        assert ranks
+        running.proc.send_signal(signal.SIGINT)
+        assert running.proc.wait(60) == 0, running.log_text()[-4000:]
+        alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
+        assert not alive, f"rank processes outlived Ctrl-C: {alive}"
+    finally:
+        running.stop(timeout_s=5)

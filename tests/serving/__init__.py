@@ -1,0 +1,1 @@
+"""Serving tests: HTTP, gRPC, batching, load, drain and the local main job."""
