@@ -20,9 +20,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from largemodel import envcontract
 from largemodel.envcontract import EnvContractError, RankEnv
+
+if TYPE_CHECKING:
+    from largemodel.runtime.liveness import LivenessLink
 
 log = logging.getLogger("largemodel.runtime.launch")
 
@@ -63,11 +67,8 @@ def child_environ(env: RankEnv, local_rank: int, metrics_dir: Path) -> dict[str,
     return child
 
 
-def supervise(procs: list[subprocess.Popen[bytes]], env: RankEnv, link: object | None) -> int:
+def supervise(procs: list[subprocess.Popen[bytes]], env: RankEnv, link: LivenessLink | None) -> int:
     """Wait for the ranks; if one fails (or the group's liveness link breaks), kill the rest."""
-    from largemodel.runtime.liveness import LivenessLink
-
-    assert link is None or isinstance(link, LivenessLink)
     stopping: list[float] = []
 
     def on_term(signum: int, _frame: object) -> None:
