@@ -96,6 +96,7 @@ def build_request(
     stop_token_ids: tuple[int, ...] = (),
     ignore_eos: bool = False,
     vocab_size: int | None = None,
+    prompt_param: str = "prompt",
 ) -> GenerationRequest:
     """Check lengths against maxModelLen and fill sampling defaults; AdmissionError says what is wrong.
 
@@ -106,7 +107,7 @@ def build_request(
         bad = [t for t in prompt_tokens if t >= vocab_size]
         if bad:
             raise AdmissionError(f"prompt token id {bad[0]} is out of range; the vocabulary has {vocab_size}", "prompt")
-    limit = scheduler.check_lengths(len(prompt_tokens), max_tokens)
+    limit = scheduler.check_lengths(len(prompt_tokens), max_tokens, prompt_param)
     temperature = defaults.temperature if temperature is None else float(temperature)
     sampling = sampling_params(
         temperature=0.0 if temperature < GREEDY_TEMPERATURE_EPS else temperature,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -75,7 +76,9 @@ class RequestStream:
 
     def push(self, chunk: Chunk) -> None:
         """Deliver a chunk; safe to call from the engine thread."""
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
+        # After shutdown the loop may be closed: nobody is left to read the chunk.
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, chunk)
 
     def cancel(self) -> None:
         """Stop generating for this request at the next step."""

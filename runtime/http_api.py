@@ -160,7 +160,7 @@ def create_app(state: Any) -> FastAPI:
             _check_model(state, body.model)
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
             tokens = encode_chat(state.tokenizer, messages, state.max_model_len)
-            stream = _submit(state, body, tokens, body.token_limit())
+            stream = _submit(state, body, tokens, body.token_limit(), "messages")
         except AdmissionError as err:
             return _admission_error(state, err)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -207,12 +207,13 @@ def _check_model(state: Any, model: str | None) -> None:
                                  "(see /v1/models)", "model")
 
 
-def _submit(state: Any, body: p._SamplingFields, tokens: list[int], max_tokens: int | None) -> RequestStream:
+def _submit(state: Any, body: p._SamplingFields, tokens: list[int], max_tokens: int | None,
+            prompt_param: str = "prompt") -> RequestStream:
     request = build_request(
         state.scheduler, state.sampling_params, state.defaults, tokens,
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
         seed=body.seed, stop=body.stop_strings(), stop_token_ids=tuple(body.stop_token_ids or ()),
-        ignore_eos=body.ignore_eos, vocab_size=state.vocab_size,
+        ignore_eos=body.ignore_eos, vocab_size=state.vocab_size, prompt_param=prompt_param,
     )
     return state.scheduler.submit(request)
 

@@ -130,15 +130,15 @@ class Scheduler:
         with self._cond:
             return len(self._waiting) + len(self._running)
 
-    def check_lengths(self, prompt_len: int, max_tokens: int | None) -> int:
+    def check_lengths(self, prompt_len: int, max_tokens: int | None, prompt_param: str = "prompt") -> int:
         """Validate prompt and max_tokens against maxModelLen; return the max_tokens to use."""
         if prompt_len == 0:
-            raise AdmissionError("the prompt is empty; send at least one token", "prompt")
+            raise AdmissionError("the prompt is empty; send at least one token", prompt_param)
         if prompt_len >= self.max_model_len:
             raise AdmissionError(
                 f"this model's maximum context length (maxModelLen) is {self.max_model_len} tokens and the "
                 f"prompt has {prompt_len} tokens, which leaves no room to generate; shorten the prompt",
-                "messages",
+                prompt_param,
             )
         room = self.max_model_len - prompt_len
         if max_tokens is None:
