@@ -197,7 +197,8 @@ def pp_rank_main(args: argparse.Namespace) -> int:
         worker_loop(model, ctx)
         return 0
     prompts = prompt_tokens(model.config.vocab_size, 16)
-    engine = Engine(model, ctx, micro_batches=1)
+    # min_micro_batch_tokens=1: split exactly as asked, to measure what splitting does.
+    engine = Engine(model, ctx, micro_batches=1, min_micro_batch_tokens=1)
     engine_decode(engine, prompts[:4], 3)  # warm-up
     results = {
         # Decode: micro-batches of 4 sequences each, 1 in flight (stage 1 idles while stage 0
@@ -267,7 +268,7 @@ def main() -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     model_dir = build_checkpoint(args.preset, args.cache)
     res: dict[str, Any] = {"machine": machine(), "preset": args.preset, "device": str(device), "dtype": str(dtype),
-                           "threads": torch.get_num_threads()}
+                           "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()[0]}
     res["bandwidth_gbs"] = bandwidth_gbs(device)
     prompts = prompt_tokens(PRESETS[args.preset]["vocab_size"], 16)
 
@@ -293,6 +294,9 @@ def main() -> int:
         res["pp2_decode_speedup_4_vs_1_in_flight"] = pp["decode_4_in_flight"] / pp["decode_1_in_flight"]
         res["pp2_decode_speedup_step16_m4_vs_m1"] = pp["decode_step16_m4"] / pp["decode_step16_m1"]
         res["pp2_prefill_speedup_step16_m4_vs_m1"] = pp["prefill_step16_m4"] / pp["prefill_step16_m1"]
+    # Other work on a shared machine moves every number: record how busy it was, and re-measure.
+    res["bandwidth_gbs_end"] = bandwidth_gbs(device)
+    res["load_avg_end"] = os.getloadavg()[0]
     print(json.dumps(res, indent=2))
     if args.out:
         args.out.write_text(json.dumps(res, indent=2))

@@ -17,7 +17,7 @@ from largemodel.runtime.weights import build_stage
 def engine(checkpoints: dict[str, Any]) -> Engine:
     model, _ = build_stage(Path(checkpoints["models"]["gqa"]["dir"]), ParallelContext(), torch.float32,
                            torch.device("cpu"), 4, 64)
-    return Engine(model, ParallelContext(), micro_batches=2)
+    return Engine(model, ParallelContext(), micro_batches=2, min_micro_batch_tokens=1)
 
 
 def generate(engine: Engine, prompt: list[int], n: int, sampling: SamplingParams, slot: int = 0) -> list[int]:
@@ -77,6 +77,21 @@ def test_shutdown_is_idempotent_and_final(engine: Engine) -> None:
     engine.shutdown()
     with pytest.raises(EngineError, match="shut down"):
         engine.step([SeqInput(0, [1], 0)])
+
+
+def test_small_decode_steps_are_not_split(checkpoints: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Splitting a decode step only multiplies weight reads: steps split only when micro-batches stay big."""
+    from largemodel.runtime import engine as engine_module
+
+    model, _ = build_stage(Path(checkpoints["models"]["gqa"]["dir"]), ParallelContext(), torch.float32,
+                           torch.device("cpu"), 4, 64)
+    eng = Engine(model, ParallelContext(), micro_batches=2, min_micro_batch_tokens=8)
+    seen: list[int] = []
+    real = engine_module.split_micro_batches
+    monkeypatch.setattr(engine_module, "split_micro_batches", lambda b, m: seen.append(m) or real(b, m))
+    eng.step([SeqInput(0, [5] * 9, 0), SeqInput(1, [6] * 9, 0)])  # 18 prompt tokens: 2 micro-batches
+    eng.step([SeqInput(0, [7], 9), SeqInput(1, [8], 9)])  # 2 decode tokens: 1
+    assert seen == [2, 1]
 
 
 def test_micro_batch_split_is_contiguous_and_even() -> None:

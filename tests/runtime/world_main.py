@@ -73,7 +73,8 @@ def main() -> int:
         if rank != 0:
             worker_loop(model, ctx)
             continue
-        engine = Engine(model, ctx, micro_batches=spec.get("micro_batches", 2))
+        # min_micro_batch_tokens=1: split even these tiny batches, so every step really pipelines.
+        engine = Engine(model, ctx, micro_batches=spec.get("micro_batches", 2), min_micro_batch_tokens=1)
         before = collective_counts()
         results[entry["name"]] = {
             name: drive(engine, spec["prompts"], run["new_tokens"], SamplingParams(**run["params"]))
