@@ -238,6 +238,7 @@ class Scheduler:
                 leftovers = list(self._waiting) + list(self._running.values())
                 self._waiting.clear()
                 self._running.clear()
+                self._update_gauges()
             reason = "error" if self.failure is not None else "abort"
             for seq in leftovers:
                 self._finish(seq, reason)
@@ -276,8 +277,7 @@ class Scheduler:
             seq.slot = self._free_slots.pop()
             self._running[seq.slot] = seq
             min(self._lanes, key=lambda lane: len(lane.seqs)).seqs.append(seq)
-        metrics.REQUESTS_WAITING.set(len(self._waiting))
-        metrics.REQUESTS_RUNNING.set(len(self._running))
+        self._update_gauges()
 
     def _build_batch(self, lane: _Lane) -> list[tuple[_Sequence, Any]]:
         """One SeqInput per sequence of an idle lane: the prompt for new ones, the last token for the rest."""
@@ -294,10 +294,13 @@ class Scheduler:
                 tokens, pos = [seq.generated[-1]], len(prompt) + len(seq.generated) - 1
             batch.append((seq, self._seq_input(slot=seq.slot, tokens=tokens, start_pos=pos,
                                                sampling=seq.request.sampling)))
-        self._update_kv_gauge()
+        self._update_gauges()
         return batch
 
-    def _update_kv_gauge(self) -> None:
+    def _update_gauges(self) -> None:
+        """Running, waiting and KV-cache gauges from the current state (lock held)."""
+        metrics.REQUESTS_WAITING.set(len(self._waiting))
+        metrics.REQUESTS_RUNNING.set(len(self._running))
         used = sum(len(s.request.prompt_tokens) + len(s.generated) for s in self._running.values())
         metrics.KV_CACHE_USAGE.set(used / (self.max_batch_size * self.max_model_len))
 
@@ -353,8 +356,7 @@ class Scheduler:
         with self._cond:
             for seq in seqs:
                 self._forget(seq)
-            metrics.REQUESTS_RUNNING.set(len(self._running))
-            self._update_kv_gauge()
+            self._update_gauges()
 
     def _forget(self, seq: _Sequence) -> None:
         """Take a finished sequence out of its slot and lane (lock held)."""

@@ -101,3 +101,29 @@ def test_ctrl_c_stops_every_rank(tiny_model: Path, tmp_path: Path) -> None:
         assert not alive, f"rank processes outlived Ctrl-C: {alive}"
     finally:
         running.stop(timeout_s=5)
+
+
+def test_streams_past_the_grace_period_end_with_an_error_not_a_hang(tiny_model: Path, tmp_path: Path) -> None:
+    lm_file = write_largemodel(tmp_path / "short.yaml", "short", tiny_model, max_batch=2, max_queue=4, max_len=1024)
+    running = start_run(lm_file, tmp_path / "run.log", "--grace", "0.5")
+
+    async def scenario() -> list[list[str]]:
+        async with httpx.AsyncClient(base_url=running.base_url, timeout=60) as client:
+            async def stream() -> list[str]:
+                body = {"prompt": "x", "max_tokens": 1000, "ignore_eos": True, "stream": True}
+                async with client.stream("POST", "/v1/completions", json=body) as resp:
+                    return [line async for line in resp.aiter_lines() if line.startswith("data: ")]
+
+            tasks = [asyncio.create_task(stream()) for _ in range(3)]
+            await asyncio.sleep(1.0)
+            running.proc.send_signal(signal.SIGTERM)
+            return list(await asyncio.wait_for(asyncio.gather(*tasks), 60))
+
+    try:
+        for events in asyncio.run(scenario()):
+            assert events[-1] == "data: [DONE]"
+            assert json.loads(events[-2][len("data: "):])["error"]["code"] == "aborted"
+        assert running.proc.wait(60) == 0, running.log_text()[-3000:]
+        assert "server.drain_timeout" in running.log_text()
+    finally:
+        running.stop(timeout_s=5)
