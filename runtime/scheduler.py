@@ -1,8 +1,10 @@
 """Continuous batching on global rank 0: requests join and leave the running batch every step.
 
-The engine's `step` blocks on collectives across every rank of the group, so it runs in one
+The engine blocks on collectives across every rank of the group, so it is driven from one
 dedicated thread; the asyncio side (HTTP, gRPC) submits requests and reads their token chunks
-through `RequestStream`s, and never touches the engine itself.
+through `RequestStream`s, and never touches the engine itself. Running sequences are spread
+over `micro_batches` lanes; each lane has at most one batch in the pipeline, so with pp > 1
+the stages work on different lanes at the same time (engine submit/result).
 """
 
 from __future__ import annotations
