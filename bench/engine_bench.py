@@ -130,8 +130,10 @@ def batch1_duel(model_dir: Path, prompt: list[int], new_tokens: int, device: tor
         ours_runs.append(ours_tps)
     del hf
     hf_med, ours_med = sorted(hf_runs)[rounds // 2], sorted(ours_runs)[rounds // 2]
+    # Other load only ever slows a run down, so the best of the rounds is the steadier comparison.
     return {"engine": engine, "hf_tok_s": hf_med, "engine_tok_s": ours_med, "speedup": ours_med / hf_med,
-            "hf_runs": hf_runs, "engine_runs": ours_runs, "same_tokens": ours_tokens[0] == hf_tokens}
+            "speedup_best": max(ours_runs) / max(hf_runs), "hf_runs": hf_runs, "engine_runs": ours_runs,
+            "same_tokens": ours_tokens[0] == hf_tokens}
 
 
 def engine_decode(engine: Engine, prompts: list[list[int]], new_tokens: int) -> tuple[float, list[list[int]]]:
@@ -280,6 +282,7 @@ def main() -> int:
     step_bytes = decode_bytes_per_step(engine, PROMPT_LEN + args.tokens // 2)
     res["roofline_tok_s"] = res["bandwidth_gbs"] * 1e9 / step_bytes
     res["roofline_fraction"] = ours_tps / res["roofline_tok_s"]
+    res["roofline_fraction_best"] = max(duel["engine_runs"]) / res["roofline_tok_s"]
     res["batched_tok_s"] = {b: engine_decode(engine, prompts[:b], args.tokens)[0] for b in (1, 4, 16)}
     engine.shutdown()
     del engine
