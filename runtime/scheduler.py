@@ -3,8 +3,10 @@
 The engine blocks on collectives across every rank of the group, so it is driven from one
 dedicated thread; the asyncio side (HTTP, gRPC) submits requests and reads their token chunks
 through `RequestStream`s, and never touches the engine itself. Running sequences are spread
-over `micro_batches` lanes; each lane has at most one batch in the pipeline, so with pp > 1
-the stages work on different lanes at the same time (engine submit/result).
+over up to `micro_batches` lanes; each lane has at most one batch in the pipeline, so with
+pp > 1 the stages work on different lanes at the same time (engine submit/result). As the
+engine does for one step, a further lane opens only when each would carry at least the
+engine's `min_micro_batch_tokens`: a small split batch re-reads the weights for nothing.
 """
 
 from __future__ import annotations
@@ -112,6 +114,9 @@ class Scheduler:
             self._submit_batch = self._batch_result = None
         self._pipelined = self._submit_batch is not None
         self._lanes = [_Lane() for _ in range(max(1, engine.micro_batches) if self._pipelined else 1)]
+        # The engine's rule for splitting a step: a micro-batch re-reads every weight of its stage,
+        # so a lane is only worth it with this many tokens per step in it (decode: one per sequence).
+        self._min_lane_tokens = max(1, int(getattr(engine, "min_micro_batch_tokens", 1)))
         self._thread = threading.Thread(target=self._run, name="engine-step", daemon=True)
 
     # ---- asyncio side -------------------------------------------------------------------------
@@ -278,7 +283,8 @@ class Scheduler:
             prefill_tokens += cost
             seq.slot = self._free_slots.pop()
             self._running[seq.slot] = seq
-            min(self._lanes, key=lambda lane: len(lane.seqs)).seqs.append(seq)
+            active = max(1, min(len(self._lanes), len(self._running) // self._min_lane_tokens))
+            min(self._lanes[:active], key=lambda lane: len(lane.seqs)).seqs.append(seq)
         self._update_gauges()
 
     def _build_batch(self, lane: _Lane) -> list[tuple[_Sequence, Any]]:

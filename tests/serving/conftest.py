@@ -22,7 +22,9 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """One pp=2 rank group shared by the API tests (maxBatchSize 8, maxQueue 24, maxModelLen 128)."""
     tmp = tmp_path_factory.mktemp("run")
     lm_file = write_largemodel(tmp / "tiny.yaml", "tiny", tiny_model)
-    running = start_run(lm_file, tmp / "run.log")
+    # One micro-batch token is enough to open a lane: the API tests then run with two lanes in the
+    # pipeline at once (stages overlapping across steps), the path pp on separate GPUs takes.
+    running = start_run(lm_file, tmp / "run.log", env={"LARGEMODEL_MIN_MICRO_BATCH_TOKENS": "1"})
     try:
         yield running
     finally:
