@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
+from pods import group_env, running_pods
 from rank_world import logs, run_world
-from tiny_models import SAMPLINGS, VARIANTS
+from tiny_models import SAMPLINGS, VARIANTS, word
 
 from largemodel.runtime.deepspeed_engine import DeepSpeedConfigError, load_autotp
 from largemodel.runtime.parallel import ParallelContext
@@ -41,3 +44,19 @@ def test_deepspeed_rejects_pipeline_parallel_with_a_clear_error(checkpoints: dic
     """AutoTP is tensor parallel only: pp > 1 is refused with what to change, before anything loads."""
     with pytest.raises(DeepSpeedConfigError, match="pipeline to 1"):
         load_autotp(Path(checkpoints["models"]["gqa"]["dir"]), ParallelContext(tp=1, pp=2), torch.float32, 4, 64)
+
+
+@pytest.mark.timeout(150)
+def test_engine_deepspeed_pod_serves_native_tokens(checkpoints: dict[str, Any], tmp_path: Path) -> None:
+    """`largemodel rank` with ENGINE=deepspeed, tp=2: the completion equals transformers; SIGTERM exits 0."""
+    model = checkpoints["models"]["gqa"]
+    with running_pods(group_env(Path(model["dir"]), tp=2, pp=1, ENGINE="deepspeed"), tmp_path,
+                      ready_timeout_s=120) as pods:
+        body = {"model": "tiny", "prompt": " ".join(map(word, checkpoints["prompts"][0])), "max_tokens": 8,
+                "temperature": 0}
+        reply = httpx.post(f"{pods.http_url}/v1/completions", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["text"].split() == [word(t) for t in model["tokens"][0][:8]]
+        assert "deepspeed_autotp_ready" in pods.tail()
+        pods.procs[0].send_signal(signal.SIGTERM)
+        assert pods.wait_exit(60) == [0], pods.tail()
