@@ -48,3 +48,19 @@ def test_world_matches_transformers(tp: int, pp: int, checkpoints: dict[str, Any
         assert seeded == seeded_single_process[v.name], f"{v.name}: seeded sampling differs from tp=1,pp=1"
         # Sampling really sampled: the seeded run leaves the greedy path somewhere.
         assert seeded != [t[: len(s)] for t, s in zip(got["tokens"], seeded, strict=True)], f"{v.name}: same as greedy"
+
+
+@pytest.mark.timeout(120)
+def test_idle_group_outlives_the_process_group_timeout(checkpoints: dict[str, Any], tmp_path: Path) -> None:
+    """Idle for 1.5x LARGEMODEL_PG_TIMEOUT_S (workers blocked in recv): the group still generates exactly."""
+    spec = {
+        "models": [{"name": "gqa", "dir": checkpoints["models"]["gqa"]["dir"]}], "prompts": checkpoints["prompts"],
+        "samplings": {"greedy": SAMPLINGS["greedy"]}, "micro_batches": 1, "idle_s": 15,
+        "out": str(tmp_path / "out.json"),
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    codes = run_world(1, 2, "world_main.py", [str(tmp_path / "spec.json")], timeout_s=100, log_dir=tmp_path,
+                      extra_env={"LARGEMODEL_PG_TIMEOUT_S": "10"})
+    assert codes == [0, 0], f"exit codes {codes}\n{logs(tmp_path)}"
+    after = json.loads((tmp_path / "out.json").read_text())["gqa"]["after_idle"]
+    assert after["tokens"] == checkpoints["models"]["gqa"]["tokens"]

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -80,6 +81,12 @@ def main() -> int:
             name: drive(engine, spec["prompts"], run["new_tokens"], SamplingParams(**run["params"]))
             for name, run in spec["samplings"].items()
         }
+        if spec.get("idle_s"):
+            # Longer than the process-group timeout: only the engine's heartbeat keeps the group alive.
+            time.sleep(spec["idle_s"])
+            greedy = spec["samplings"]["greedy"]
+            results[entry["name"]]["after_idle"] = drive(engine, spec["prompts"], greedy["new_tokens"],
+                                                         SamplingParams(**greedy["params"]))
         engine.shutdown()
         after = collective_counts()
         results[entry["name"]]["collectives"] = {k: after[k] - before[k] for k in after}
