@@ -1,7 +1,10 @@
 """One rank process: join the group, load the shard, then serve (global rank 0) or work.
 
 Local rank 0 of every pod also serves the pod's /metrics (all local ranks merged through
-prometheus_client's multiprocess directory) and /healthz on METRICS_PORT.
+prometheus_client's multiprocess directory), /healthz and /readyz on METRICS_PORT. /readyz is
+the pod's readiness probe (one pod template serves every stage, so the probe cannot differ by
+stage): a stage is ready once every rank of the group has loaded its shard and joined; stage 0
+also needs its HTTP and gRPC servers up and not draining.
 """
 
 from __future__ import annotations
@@ -24,8 +27,29 @@ DEFAULT_MAX_BATCH_SIZE = 8
 DEFAULT_MAX_MODEL_LEN = 2048
 
 
-def serve_pod_metrics(port: int, host: str) -> ThreadingHTTPServer:
-    """GET /metrics (every local rank, merged) and GET /healthz, in a daemon thread."""
+class PodReadiness:
+    """What this pod's /readyz answers; filled in as the rank joins and (on stage 0) starts serving."""
+
+    def __init__(self, needs_server: bool) -> None:
+        self.joined = threading.Event()
+        self.needs_server = needs_server
+        self.serving: Callable[[], bool] | None = None
+
+    def publish_serving(self, check: Callable[[], bool]) -> None:
+        """The server's own readiness check (engine up, listening, not draining)."""
+        self.serving = check
+
+    def ready(self) -> tuple[bool, str]:
+        """(ready, why) for the probe."""
+        if not self.joined.is_set():
+            return False, "loading: not every rank of the group has loaded and joined"
+        if self.needs_server and (self.serving is None or not self.serving()):
+            return False, "group joined; server not listening yet, or draining"
+        return True, "ready"
+
+
+def serve_pod_metrics(port: int, host: str, readiness: PodReadiness | None = None) -> ThreadingHTTPServer:
+    """GET /metrics (every local rank, merged), /healthz and /readyz, in a daemon thread."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
     class Handler(BaseHTTPRequestHandler):
@@ -37,6 +61,9 @@ def serve_pod_metrics(port: int, host: str) -> ThreadingHTTPServer:
                 body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
             elif path == "/healthz":
                 body, ctype, code = b"ok\n", "text/plain", 200
+            elif path == "/readyz":
+                ok, why = readiness.ready() if readiness is not None else (False, "no readiness source")
+                body, ctype, code = (why + "\n").encode(), "text/plain", 200 if ok else 503
             else:
                 body, ctype, code = b"not found\n", "text/plain", 404
             self.send_response(code)
@@ -72,9 +99,10 @@ def run_rank(local_rank: int, environ: dict[str, str]) -> int:
 
     env = RankEnv.from_environ(environ)
     rank = env.global_rank(local_rank)
+    readiness = PodReadiness(needs_server=env.node_rank == 0)
     if local_rank == 0:
         serve_pod_metrics(int(environ.get(envcontract.METRICS_PORT) or envcontract.DEFAULT_METRICS_PORT),
-                          environ.get("BIND_HOST", "0.0.0.0"))
+                          environ.get("BIND_HOST", "0.0.0.0"), readiness)
     max_batch = int(environ.get(envcontract.MAX_BATCH_SIZE) or DEFAULT_MAX_BATCH_SIZE)
     max_len = int(environ.get(envcontract.MAX_MODEL_LEN) or DEFAULT_MAX_MODEL_LEN)
     try:
@@ -87,6 +115,11 @@ def run_rank(local_rank: int, environ: dict[str, str]) -> int:
 
         def on_loaded() -> None:
             metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - began)
+            # Every rank calls this right after its shard is in memory, so passing the barrier
+            # means the whole group has loaded and joined: the pod may report ready.
+            dist.barrier()
+            readiness.joined.set()
+            log.info("event=group_joined rank=%d load_seconds=%.2f", rank, time.perf_counter() - began)
 
         if env.engine == "deepspeed":
             from largemodel.runtime.deepspeed_engine import start_deepspeed
@@ -98,7 +131,7 @@ def run_rank(local_rank: int, environ: dict[str, str]) -> int:
             return 0
         from largemodel.runtime.server import run_server
 
-        code = run_server(engine, model_dir, environ)
+        code = run_server(engine, model_dir, environ, readiness.publish_serving)
         engine.shutdown()
         return code
     except Exception as exc:

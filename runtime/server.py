@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,11 +47,12 @@ class ServingState:
     defaults: SamplingDefaults
     created: int
     stopping: bool = False
+    listening: bool = False
 
     @property
     def ready(self) -> bool:
-        """Serving traffic: the engine exists (so every rank joined) and is neither failed nor draining."""
-        return self.scheduler.accepting and not self.stopping
+        """Serving traffic: the engine exists (so every rank joined), HTTP and gRPC listen, not failed or draining."""
+        return self.listening and self.scheduler.accepting and not self.stopping
 
     def count_invalid(self) -> None:
         """Count a request refused as bad input."""
@@ -121,8 +122,13 @@ def load_tokenizer(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def run_server(engine: Any, model_dir: Path, environ: Mapping[str, str]) -> int:
-    """Serve HTTP and gRPC for `engine` until SIGTERM, drain, shut the engine down; return the exit code."""
+def run_server(engine: Any, model_dir: Path, environ: Mapping[str, str],
+               publish_ready: Callable[[Callable[[], bool]], None] | None = None) -> int:
+    """Serve HTTP and gRPC for `engine` until SIGTERM, drain, shut the engine down; return the exit code.
+
+    `publish_ready` receives the readiness check, so the pod's metrics port can answer /readyz with
+    exactly what the HTTP /readyz answers.
+    """
     from largemodel.runtime.engine import EngineError, SamplingParams, SeqInput
 
     settings = ServerSettings.from_environ(environ, Path(model_dir))
@@ -140,6 +146,8 @@ def run_server(engine: Any, model_dir: Path, environ: Mapping[str, str]) -> int:
         defaults=load_sampling_defaults(Path(model_dir)),
         created=int(time.time()),
     )
+    if publish_ready is not None:
+        publish_ready(lambda: state.ready)
     try:
         return asyncio.run(_serve(state, settings))
     finally:
@@ -178,6 +186,7 @@ async def _serve(state: ServingState, settings: ServerSettings) -> int:
     )
     http = _Server(config)
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]))
+    state.listening = True
     log.info("server.listening http=%s:%d grpc=%s:%d model=%s pid=%d", settings.host, settings.http_port,
              settings.host, settings.grpc_port, state.model_name, os.getpid())
 

@@ -46,6 +46,9 @@ def test_group_serves_then_stops_cleanly(checkpoints: dict[str, Any], tmp_path: 
         assert reply.json()["choices"][0]["text"].split() == [word(t) for t in model["tokens"][0][:8]]
         for port in pods.metrics_ports:
             assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+            # the readiness probe the builders give every pod: /readyz on the metrics port
+            ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+            assert ready.status_code == 200, ready.text
         scrape = httpx.get(f"http://127.0.0.1:{pods.metrics_ports[1]}/metrics", timeout=5).text
         assert 'largemodel_collective_calls_total{backend="gloo",group="tp",op="all_reduce"}' in scrape
         assert 'group="pp",op="recv"' in scrape and "largemodel_model_load_seconds" in scrape
@@ -67,3 +70,20 @@ def test_killed_rank_stops_the_whole_group_non_zero(checkpoints: dict[str, Any],
         assert all(c not in (None, 0) for c in codes), f"exit codes {codes}\n{pods.tail()}"
         for pid in survivors:
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
+
+
+def test_pod_readiness_waits_for_the_group_and_on_stage_0_for_the_server() -> None:
+    """/readyz on the metrics port: 503 until the group joined; stage 0 also until its server serves."""
+    from largemodel.runtime.rank import PodReadiness
+
+    worker, leader = PodReadiness(needs_server=False), PodReadiness(needs_server=True)
+    assert not worker.ready()[0] and not leader.ready()[0]
+    worker.joined.set()
+    leader.joined.set()
+    assert worker.ready()[0]
+    assert not leader.ready()[0]  # joined, but nothing listens yet
+    serving = [True]
+    leader.publish_serving(lambda: serving[0])
+    assert leader.ready()[0]
+    serving[0] = False  # draining after SIGTERM
+    assert leader.ready() == (False, "group joined; server not listening yet, or draining")
