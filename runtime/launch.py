@@ -43,18 +43,6 @@ def configure_logging() -> None:
                         format=f"%(asctime)s level=%(levelname)s rank={rank} logger=%(name)s %(message)s")
 
 
-def int_env(environ: dict[str, str], name: str, default: int, minimum: int = 1) -> int:
-    """An optional integer variable; EnvContractError naming it when it is not a valid integer."""
-    raw = environ.get(name, "") or str(default)
-    try:
-        value = int(raw)
-    except ValueError:
-        raise EnvContractError(f"environment variable {name}={raw!r} is not an integer") from None
-    if value < minimum:
-        raise EnvContractError(f"environment variable {name}={value} must be >= {minimum}")
-    return value
-
-
 def child_environ(env: RankEnv, local_rank: int, metrics_dir: Path) -> dict[str, str]:
     """What a rank process inherits: the pod's env plus its ranks, safe path and thread count."""
     child = dict(os.environ)
@@ -131,9 +119,9 @@ def run_pod(environ: dict[str, str]) -> int:
 
     try:
         env = RankEnv.from_environ(environ)
-        int_env(environ, envcontract.METRICS_PORT, envcontract.DEFAULT_METRICS_PORT, 0)
-        int_env(environ, envcontract.MAX_BATCH_SIZE, 8)
-        int_env(environ, envcontract.MAX_MODEL_LEN, 2048)
+        envcontract.int_variable(environ, envcontract.METRICS_PORT, envcontract.DEFAULT_METRICS_PORT, 0)
+        envcontract.int_variable(environ, envcontract.MAX_BATCH_SIZE, 8, 1)
+        envcontract.int_variable(environ, envcontract.MAX_MODEL_LEN, 2048, 1)
     except EnvContractError as exc:
         print(f"largemodel rank: {exc}", file=sys.stderr)
         return EXIT_ENV_ERROR

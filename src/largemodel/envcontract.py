@@ -6,6 +6,7 @@ back; both import the names from here so they cannot drift apart.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 MASTER_ADDR = "MASTER_ADDR"
@@ -105,6 +106,22 @@ class EnvContractError(ValueError):
     """A variable of the contract is missing or inconsistent; the message names it."""
 
 
+def int_variable(environ: Mapping[str, str], name: str, default: int | None, minimum: int = 0) -> int:
+    """An integer variable: `default` when unset (required when None); EnvContractError naming it otherwise."""
+    raw = environ.get(name, "")
+    if raw == "":
+        if default is None:
+            raise EnvContractError(f"environment variable {name} is required but not set")
+        raw = str(default)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise EnvContractError(f"environment variable {name}={raw!r} is not an integer") from None
+    if value < minimum:
+        raise EnvContractError(f"environment variable {name}={value} must be >= {minimum}")
+    return value
+
+
 @dataclass(frozen=True)
 class RankEnv:
     """What one rank process reads back from its environment."""
@@ -137,14 +154,7 @@ class RankEnv:
             return value
 
         def need_int(name: str, minimum: int = 0) -> int:
-            raw = need(name)
-            try:
-                value = int(raw)
-            except ValueError:
-                raise EnvContractError(f"environment variable {name}={raw!r} is not an integer") from None
-            if value < minimum:
-                raise EnvContractError(f"environment variable {name}={value} must be >= {minimum}")
-            return value
+            return int_variable(env, name, None, minimum)
 
         parsed = cls(
             master_addr=need(MASTER_ADDR),

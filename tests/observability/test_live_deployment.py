@@ -24,12 +24,12 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from serving.tinymodel import build_tiny_llama
 
 from .grafana import load_dashboards, panel_queries, query_variables, substitute
 from .operator_target import OperatorTarget, running_operator_target
 from .promserver import Prometheus, ScrapeTarget, running_prometheus
 from .rankgroup import RankGroup, running_rank_group
-from .tiny_checkpoint import LAYERS, build_tiny_llama
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -42,11 +42,12 @@ NAMESPACE = "observability"  # the target labels the chart's PodMonitor would ad
 LOAD_REQUESTS = 12
 LOAD_CONCURRENCY = 4
 TP, PP = 2, 2
+LAYERS = 5  # odd, so pp=2 splits it unevenly (3 + 2) and per-stage counts differ
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), layers=LAYERS)
 
 
 @pytest.fixture(scope="module")

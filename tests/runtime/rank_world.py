@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+
+from largemodel.runtime.launch import stop_processes
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,20 +31,6 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def stop_all(procs: Sequence[subprocess.Popen], grace_s: float = 3.0) -> None:
-    """Terminate, then kill, every process still running (each by its own pid)."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=5)
-
-
 def run_world(tp: int, pp: int, script: str, args: Sequence[str], timeout_s: float, log_dir: Path,
               extra_env: Mapping[str, str] | None = None) -> list[int]:
     """Run `script` as tp*pp ranks on 127.0.0.1; return their exit codes (raise on timeout)."""
@@ -62,12 +49,12 @@ def run_world(tp: int, pp: int, script: str, args: Sequence[str], timeout_s: flo
                 return [int(p.returncode) for p in procs]
             if any(p.poll() not in (None, 0) for p in procs):
                 time.sleep(1.0)  # give the others a moment to fail on their own, then stop them
-                stop_all(procs)
+                stop_processes(procs)
                 return [int(p.returncode) for p in procs]
             time.sleep(0.05)
         raise TimeoutError(f"world tp={tp} pp={pp} did not finish in {timeout_s}s; logs in {log_dir}")
     finally:
-        stop_all(procs)
+        stop_processes(procs)
 
 
 def logs(log_dir: Path) -> str:
