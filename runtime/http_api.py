@@ -6,6 +6,7 @@ Every error, validation errors and unknown routes included, is an OpenAI error b
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -33,6 +34,12 @@ _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for code, why in ((400, "Invalid request"), (404, "Unknown model"), (429, "Queue full; see Retry-After"),
                       (503, "Draining or engine down"))
 }
+
+
+# nginx's "client closed request": logged only, since nobody is left to read it.
+_CLIENT_CLOSED = 499
+# How often a server whose receive() does not block is asked whether the client left.
+_DISCONNECT_POLL_S = 0.1
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
@@ -130,7 +137,7 @@ def create_app(state: Any) -> FastAPI:
 
     @app.post("/v1/completions", response_model=p.CompletionResponse, tags=["openai"],
               responses={**_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
-    async def completions(body: p.CompletionRequest) -> Response:
+    async def completions(body: p.CompletionRequest, request: Request) -> Response:
         """Complete a prompt; `stream: true` answers with server-sent events."""
         try:
             _check_model(state, body.model)
@@ -144,7 +151,10 @@ def create_app(state: Any) -> FastAPI:
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return _sse(_completion_events(state, rid, stream, body.include_usage()), stream)
-        text, last = await _collect(stream)
+        result = await _collect_while_connected(request, stream, rid)
+        if result is None:
+            return Response(status_code=_CLIENT_CLOSED)
+        text, last = result
         if last.finish_reason not in ("stop", "length"):
             return error_response(503, "generation was aborted: the server is stopping")
         return JSONResponse(p.CompletionResponse(
@@ -154,7 +164,7 @@ def create_app(state: Any) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=p.ChatCompletionResponse, tags=["openai"],
               responses={**_ERROR_RESPONSES, 200: {"content": {"text/event-stream": {}}}})
-    async def chat_completions(body: p.ChatCompletionRequest) -> Response:
+    async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
         """Answer a conversation rendered with the model's chat template; `stream: true` uses SSE."""
         try:
             _check_model(state, body.model)
@@ -166,7 +176,10 @@ def create_app(state: Any) -> FastAPI:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             return _sse(_chat_events(state, rid, stream, body.include_usage()), stream)
-        text, last = await _collect(stream)
+        result = await _collect_while_connected(request, stream, rid)
+        if result is None:
+            return Response(status_code=_CLIENT_CLOSED)
+        text, last = result
         if last.finish_reason not in ("stop", "length"):
             return error_response(503, "generation was aborted: the server is stopping")
         return JSONResponse(p.ChatCompletionResponse(
@@ -230,6 +243,34 @@ async def _collect(stream: RequestStream) -> tuple[str, Chunk]:
             stream.cancel()
     assert last is not None  # a stream always ends with a chunk that has a finish_reason
     return "".join(pieces), last
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has disconnected (the ASGI server sends `http.disconnect`)."""
+    # The same wait Starlette's StreamingResponse uses: with the body already read, uvicorn's
+    # receive() blocks until the connection is lost, so this costs no polling. A server that
+    # answers receive() at once with empty body messages is polled instead of spun on.
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(_DISCONNECT_POLL_S)
+
+
+async def _collect_while_connected(request: Request, stream: RequestStream, rid: str) -> tuple[str, Chunk] | None:
+    """The whole answer of a non-streamed request, or None when its client left first (then it is cancelled)."""
+    collect = asyncio.ensure_future(_collect(stream))
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not collect.done():
+            # Mark it now rather than when the cancelled task next runs: the engine frees the
+            # slot at its next step either way, this just makes that step the soonest one.
+            stream.cancel()
+            collect.cancel()
+    if collect.done() and not collect.cancelled():
+        return collect.result()
+    log.info("request.client_disconnected id=%s action=cancel", rid)
+    return None
 
 
 def _usage(chunk: Chunk) -> p.Usage:

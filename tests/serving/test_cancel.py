@@ -1,7 +1,10 @@
-"""A client that goes away frees its batch slot: HTTP stream closed early, gRPC call cancelled."""
+"""A client that goes away frees its batch slot: HTTP stream closed early, non-streamed HTTP request
+abandoned, gRPC call cancelled."""
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 import urllib.request
 
@@ -47,3 +50,42 @@ def test_disconnected_clients_free_their_slots(server: RunningServer) -> None:
         call.cancel()
     after = _wait_idle(server.base_url)
     assert after[cancelled] - before == 2
+
+
+def _post_then_hang_up(server: RunningServer, path: str, body: dict[str, object]) -> None:
+    """POST a non-streamed request on a raw socket and close it, unread, as soon as it is in flight."""
+    payload = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n").encode()
+    # /readyz on a kept-alive connection is the cheapest way to see the request admitted: the
+    # sooner the socket closes, the more of its ~100 tokens are left to cancel.
+    with httpx.Client(base_url=server.base_url, timeout=10) as probe, \
+            socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        sock.sendall(head + payload)
+        deadline = time.monotonic() + 30
+        while probe.get("/readyz").json().get("in_flight", 0) < 1:
+            assert time.monotonic() < deadline, "the request was never admitted"
+
+
+def test_non_streamed_clients_that_leave_free_their_slots(server: RunningServer) -> None:
+    ok, cancelled = 'largemodel_requests_total{status="ok"}', 'largemodel_requests_total{status="cancelled"}'
+    chat = [{"role": "user", "content": "story"}]
+    for path, body in (("/v1/completions", {"prompt": "story", "max_tokens": 120, "ignore_eos": True}),
+                       ("/v1/chat/completions", {"messages": chat, "max_tokens": 100, "ignore_eos": True})):
+        # A tiny model can finish 100 tokens before the socket closes on a busy machine; a few
+        # tries make sure one request is still generating when its client leaves.
+        for _ in range(3):
+            before = _wait_idle(server.base_url)
+            _post_then_hang_up(server, path, body)
+            after = _wait_idle(server.base_url)
+            finished = after.get(ok, 0.0) - before.get(ok, 0.0)
+            left = after.get(cancelled, 0.0) - before.get(cancelled, 0.0)
+            assert (finished, left) in ((1, 0), (0, 1)), f"{path}: counted {finished} ok, {left} cancelled"
+            if left:
+                break
+        else:
+            raise AssertionError(f"{path}: every abandoned request ran to its end instead of being cancelled")
+    # The freed slots serve the next client.
+    resp = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": "next", "max_tokens": 3,
+                                                                  "ignore_eos": True}, timeout=30)
+    assert resp.status_code == 200 and resp.json()["usage"]["completion_tokens"] == 3
