@@ -149,11 +149,16 @@ class Engine:
     def _step(self, batch: list[SeqInput], want_logits: bool) -> tuple[list[int], Tensor | None]:
         self.validate(batch)
         with self._lock, self._group_failures():
+            # The step starts for the whole pipeline here; its bubble window on this stage closes only
+            # once the last tokens are back, so stage 0's idle time during the drain is counted.
+            self._io.start_step(time.perf_counter())
             new_tokens = sum(len(s.tokens) for s in batch)
             count = max(1, min(self.micro_batches, new_tokens // self.min_micro_batch_tokens))
             chunks = split_micro_batches(batch, count)
-            tickets = [self._submit(c, want_logits, i == 0, i == len(chunks) - 1) for i, c in enumerate(chunks)]
+            tickets = [self._submit(c, want_logits, i == 0, i == len(chunks) - 1, close=False)
+                       for i, c in enumerate(chunks)]
             results = [self.result(t) for t in tickets]
+            self._io.close_step(time.perf_counter())
         tokens = [t for r in results for t in r[0]]
         logits = torch.cat([r[1] for r in results if r[1] is not None]) if want_logits else None
         return tokens, logits
@@ -162,9 +167,11 @@ class Engine:
         """Start one micro-batch through the pipeline without waiting; returns a ticket for result()."""
         self.validate(batch)
         with self._lock, self._group_failures():
+            self._io.start_step(time.perf_counter())
             return self._submit(batch, False, True, True)
 
-    def _submit(self, batch: list[SeqInput], want_logits: bool, first: bool, last: bool) -> int:
+    def _submit(self, batch: list[SeqInput], want_logits: bool, first: bool, last: bool, close: bool = True) -> int:
+        """Run stage 0 on one micro-batch and send it on; `close`: end its bubble window at the compute's end."""
         if self._closed:
             raise EngineError("engine is shut down")
         mb = MicroBatch(
@@ -178,7 +185,10 @@ class Engine:
         began = time.perf_counter()
         self._io.share_plan(mb)
         out = run_stage(self.model, mb, None, self.ctx)
-        self._io.account(mb, began, time.perf_counter())
+        ended = time.perf_counter()
+        self._io.account(began, ended)
+        if last and close:
+            self._io.close_step(ended)
         if self._sampler is not None:
             done = finish_last_stage(self.ctx, self._sampler, mb, out, self._io)
             assert done is not None
@@ -272,7 +282,10 @@ def worker_loop(model: StageModel, ctx: ParallelContext) -> None:
             continue
         began = time.perf_counter()
         out = run_stage(model, mb, hidden, ctx)
-        io.account(mb, began, time.perf_counter())
+        ended = time.perf_counter()
+        io.account(began, ended)
+        if mb.last_of_step:
+            io.close_step(ended)
         if not model.last:
             io.send_next(mb, out)
         else:

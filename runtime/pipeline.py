@@ -6,6 +6,11 @@ from the same TP rank of the stage before. Stages are therefore decoupled: stage
 micro-batch m+1 while stage 1 still works on m, which is what lets several micro-batches of
 sequences be in flight in decode as well as in prefill. The last stage's TP rank 0 samples
 and sends the tokens back to global rank 0.
+
+Every header also carries the step's age: how long ago the step started for the whole pipeline,
+a duration summed hop by hop on each rank's own clock (wall clocks of different nodes are not
+comparable, durations are). A rank that receives a step's first micro-batch places the step's
+start at `arrival - age` on its own clock; that anchors the bubble gauge (see StageIO).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from largemodel.runtime.parallel import ParallelContext
 from largemodel.runtime.sampling import Sampler
 
 KIND_STEP, KIND_NOOP, KIND_SHUTDOWN = 0, 1, 2
-HEADER_LEN = 4  # kind, rows, width, flags
+HEADER_LEN = 5  # kind, rows, width, flags, step age in microseconds
 FLAG_LOGITS, FLAG_FIRST, FLAG_LAST = 1, 2, 4  # return logits; first / last micro-batch of a step
 META_COLS = 7  # slot, start_pos, length, top_k, seed (-1: none), temperature bits, top_p bits
 
@@ -70,6 +75,7 @@ class MicroBatch:
     want_logits: bool = False
     first_of_step: bool = True
     last_of_step: bool = True
+    step_age_us: int = 0  # time since the step started for the whole pipeline, when this was sent
 
     @property
     def width(self) -> int:
@@ -85,7 +91,7 @@ class MicroBatch:
         """(header, payload) int64 tensors; the payload's size follows from the header."""
         rows, width = len(self.slots), self.width
         flags = FLAG_LOGITS * self.want_logits + FLAG_FIRST * self.first_of_step + FLAG_LAST * self.last_of_step
-        header = torch.tensor([self.kind, rows, width, flags], dtype=torch.int64)
+        header = torch.tensor([self.kind, rows, width, flags, self.step_age_us], dtype=torch.int64)
         meta = [[self.slots[i], self.start_pos[i], self.lengths[i], self.top_k[i],
                  -1 if self.seeds[i] is None else int(self.seeds[i] or 0),
                  _float_bits(self.temperature[i]), _float_bits(self.top_p[i])] for i in range(rows)]
@@ -101,7 +107,7 @@ class MicroBatch:
     @classmethod
     def decode(cls, header: Tensor, payload: Tensor) -> MicroBatch:
         """Inverse of encode()."""
-        kind, rows, width, flags = header.tolist()
+        kind, rows, width, flags, age_us = header.tolist()
         values = payload.tolist()
         meta = [values[i * META_COLS:(i + 1) * META_COLS] for i in range(rows)]
         base = rows * META_COLS
@@ -111,33 +117,55 @@ class MicroBatch:
             tokens=tokens, top_k=[m[3] for m in meta], seeds=[None if m[4] < 0 else m[4] for m in meta],
             temperature=[_bits_float(m[5]) for m in meta], top_p=[_bits_float(m[6]) for m in meta],
             want_logits=bool(flags & FLAG_LOGITS), first_of_step=bool(flags & FLAG_FIRST),
-            last_of_step=bool(flags & FLAG_LAST),
+            last_of_step=bool(flags & FLAG_LAST), step_age_us=age_us,
         )
 
 
 def payload_size(header: Tensor) -> int:
     """Number of int64 values in the payload that follows `header`."""
-    _kind, rows, width, _ = header.tolist()
+    _kind, rows, width, _flags, _age = header.tolist()
     return rows * META_COLS + rows * width
 
 
 @dataclass
 class StageIO:
-    """Moves micro-batches in and out of one stage; keeps sends alive until they complete."""
+    """Moves micro-batches in and out of one stage; keeps sends alive until they complete.
+
+    It also keeps the bubble books of one step (perf_counter seconds on this rank's clock): the
+    window opens when the step starts for the whole pipeline (rank 0: the step's call; elsewhere:
+    arrival of the step's first header minus the age it carries), or when this stage finished its
+    previous micro-batch if that is later (a stage busy with an earlier step is not idle for this
+    one). It closes when the stage finishes its last micro-batch of the step, or on global rank 0
+    inside Engine.step when the step's last tokens are back (the drain). Bubble = 1 - busy / window.
+    """
 
     ctx: ParallelContext
     model: StageModel
     pending_sends: list[Any] = field(default_factory=list)
-    window_start: float = 0.0
+    step_origin: float = 0.0  # when the step started for the whole pipeline: what the age is counted from
+    step_start: float = 0.0  # the window's opening: step_origin, or this stage's last_end if later
     busy: float = 0.0
+    last_end: float = 0.0
 
-    def account(self, mb: MicroBatch, began: float, ended: float) -> None:
-        """Bubble bookkeeping: idle share of the window from a step's first micro-batch to its last."""
-        if mb.first_of_step:
-            self.window_start, self.busy = began, 0.0
+    def start_step(self, at: float) -> None:
+        """Open the bubble window of a step that started for the pipeline at `at` (this rank's clock)."""
+        self.step_origin, self.step_start, self.busy = at, max(at, self.last_end), 0.0
+
+    def account(self, began: float, ended: float) -> None:
+        """Count one micro-batch's compute on this stage as busy time."""
         self.busy += ended - began
-        if mb.last_of_step and ended > self.window_start:
-            metrics.PIPELINE_BUBBLE.set(max(0.0, 1.0 - self.busy / (ended - self.window_start)))
+        self.last_end = ended
+
+    def close_step(self, ended: float) -> None:
+        """Publish the step's idle fraction: (window - busy) / window, fill and drain included."""
+        window = ended - self.step_start
+        if window > 0:
+            metrics.PIPELINE_BUBBLE.set(max(0.0, 1.0 - self.busy / window))
+
+    def _stamp(self, mb: MicroBatch) -> None:
+        """Write the step's age into the plan about to leave this rank (control messages carry 0)."""
+        if mb.kind == KIND_STEP:
+            mb.step_age_us = max(0, int((time.perf_counter() - self.step_origin) * 1e6))
 
     def receive(self) -> tuple[MicroBatch, Tensor | None]:
         """Next micro-batch for this stage and, past stage 0, its incoming hidden states."""
@@ -148,6 +176,8 @@ class StageIO:
             ctx.broadcast_tp(header)
         else:
             ctx.recv(header, prev)
+        # The header's arrival anchors the step start; waiting for payload and hidden states is idle time.
+        arrived = time.perf_counter()
         payload = torch.empty(payload_size(header.cpu()), dtype=torch.int64, device=device)
         if payload.numel():
             if ctx.pp_rank == 0:
@@ -155,6 +185,8 @@ class StageIO:
             else:
                 ctx.recv(payload, prev)
         mb = MicroBatch.decode(header.cpu(), payload.cpu())
+        if mb.kind == KIND_STEP and mb.first_of_step:
+            self.start_step(arrived - mb.step_age_us / 1e6)
         hidden = None
         if mb.kind == KIND_STEP and ctx.pp_rank > 0:
             dtype = next(self.model.parameters()).dtype
@@ -164,6 +196,7 @@ class StageIO:
 
     def share_plan(self, mb: MicroBatch) -> None:
         """On stage 0's TP rank 0: give the plan to the other TP ranks of stage 0."""
+        self._stamp(mb)
         header, payload = mb.encode()
         self.ctx.broadcast_tp(header.to(self.ctx.device))
         if payload.numel():
@@ -172,6 +205,7 @@ class StageIO:
     def send_next(self, mb: MicroBatch, hidden: Tensor | None) -> None:
         """Pass the plan (and hidden states) on to the same TP rank of the next stage."""
         self.wait_sends()
+        self._stamp(mb)
         header, payload = mb.encode()
         dst = self.ctx.stage_rank(self.ctx.pp_rank + 1)
         tensors = [header, payload] if payload.numel() else [header]

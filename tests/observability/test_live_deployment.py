@@ -26,6 +26,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from serving.tinymodel import build_tiny_llama
 
+from largemodel.runtime.pipeline import HEADER_LEN, META_COLS
+
 from .grafana import load_dashboards, panel_queries, query_variables, substitute
 from .operator_target import OperatorTarget, running_operator_target
 from .promserver import Prometheus, ScrapeTarget, running_prometheus
@@ -137,7 +139,7 @@ def expected_collectives(tp: int, pp: int, layers: int, hidden: int, vocab: int,
     calls, nbytes = "largemodel_collective_calls_total", "largemodel_collective_bytes_total"
     want: Tally[tuple[str, str, str]] = Tally()
     for w in widths:
-        plan = 32 + 8 * (7 + w)  # header (4 int64) + payload (7 metadata + w tokens, int64)
+        plan = 8 * HEADER_LEN + 8 * (META_COLS + w)  # header + payload (metadata + w tokens), all int64
         want[(calls, "all_reduce", "tp")] += tp * (2 * layers + 1)  # 2 per layer + vocab-parallel embedding
         want[(nbytes, "all_reduce", "tp")] += tp * (2 * layers + 1) * w * hidden * element
         want[(calls, "all_gather", "tp")] += tp  # vocab-parallel LM head, last token only
