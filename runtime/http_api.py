@@ -151,12 +151,10 @@ def create_app(state: Any) -> FastAPI:
         rid = f"cmpl-{uuid.uuid4().hex}"
         if body.stream:
             return _sse(_completion_events(state, rid, stream, body.include_usage()), stream)
-        result = await _collect_while_connected(request, stream, rid)
-        if result is None:
-            return Response(status_code=_CLIENT_CLOSED)
-        text, last = result
-        if last.finish_reason not in ("stop", "length"):
-            return error_response(503, "generation was aborted: the server is stopping")
+        done = await _finished(request, stream, rid)
+        if isinstance(done, Response):
+            return done
+        text, last = done
         return JSONResponse(p.CompletionResponse(
             id=rid, created=int(time.time()), model=state.model_name,
             choices=[p.CompletionChoice(text=text, finish_reason=last.finish_reason)], usage=_usage(last),
@@ -176,12 +174,10 @@ def create_app(state: Any) -> FastAPI:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         if body.stream:
             return _sse(_chat_events(state, rid, stream, body.include_usage()), stream)
-        result = await _collect_while_connected(request, stream, rid)
-        if result is None:
-            return Response(status_code=_CLIENT_CLOSED)
-        text, last = result
-        if last.finish_reason not in ("stop", "length"):
-            return error_response(503, "generation was aborted: the server is stopping")
+        done = await _finished(request, stream, rid)
+        if isinstance(done, Response):
+            return done
+        text, last = done
         return JSONResponse(p.ChatCompletionResponse(
             id=rid, created=int(time.time()), model=state.model_name,
             choices=[p.ChatChoice(message=p.AssistantMessage(content=text), finish_reason=last.finish_reason)],
@@ -252,6 +248,17 @@ async def _client_gone(request: Request) -> None:
     # answers receive() at once with empty body messages is polled instead of spun on.
     while (await request.receive())["type"] != "http.disconnect":
         await asyncio.sleep(_DISCONNECT_POLL_S)
+
+
+async def _finished(request: Request, stream: RequestStream, rid: str) -> tuple[str, Chunk] | Response:
+    """The whole generation, or the response to send instead (client gone: 499; aborted: 503)."""
+    result = await _collect_while_connected(request, stream, rid)
+    if result is None:
+        return Response(status_code=_CLIENT_CLOSED)
+    text, last = result
+    if last.finish_reason not in ("stop", "length"):
+        return error_response(503, "generation was aborted: the server is stopping")
+    return text, last
 
 
 async def _collect_while_connected(request: Request, stream: RequestStream, rid: str) -> tuple[str, Chunk] | None:

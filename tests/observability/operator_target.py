@@ -21,7 +21,7 @@ import httpx
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from .promserver import free_port
+from largemodel.runtime.local import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR_TESTS = ROOT / "tests" / "operator"

@@ -11,7 +11,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
@@ -21,6 +20,8 @@ from typing import Any
 
 import httpx
 import yaml
+
+from largemodel.runtime.local import free_port
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,6 @@ class ScrapeTarget:
 
 class PrometheusError(RuntimeError):
     """Prometheus answered a query with an error, or did not come up."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def scrape_config(targets: list[ScrapeTarget], interval_s: int = 1, rule_files: list[Path] | None = None) -> dict[str, Any]:

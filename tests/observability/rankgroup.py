@@ -20,10 +20,9 @@ from pathlib import Path
 import httpx
 
 from largemodel import envcontract
+from largemodel.runtime.local import free_port, free_port_pair
 from largemodel.runtime.parallel import PG_TIMEOUT_ENV
 from largemodel.runtime.server import BIND_HOST_ENV, DRAIN_GRACE_ENV
-
-from .promserver import free_port
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +92,7 @@ def running_rank_group(
 ) -> Iterator[RankGroup]:
     """Start every stage of one group, wait until stage 0 is ready, stop them all on exit."""
     group_env = envcontract.RankGroupEnv(
-        master_addr="127.0.0.1", master_port=free_port(), tp=tp, pp=pp, group_index=0,
+        master_addr="127.0.0.1", master_port=free_port_pair(), tp=tp, pp=pp, group_index=0,
         model_uri=model_dir.resolve().as_uri(), model_dtype="float32", micro_batches=micro_batches,
         engine="native", http_port=free_port(), grpc_port=free_port(), metrics_port=envcontract.DEFAULT_METRICS_PORT,
         max_batch_size=max_batch_size, max_queue=max_queue, max_model_len=max_model_len, model_name=name,

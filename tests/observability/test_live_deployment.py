@@ -231,6 +231,9 @@ def test_every_dashboard_panel_query_returns_data(prometheus: Prometheus, loaded
     operator.wait_until_exercised()
     prometheus.wait_for('largemodel_operator_groups{state="failed"} > 0', timeout_s=30)
     prometheus.wait_for("largemodel_operator_group_restarts_total > 0", timeout_s=30)
+    # Reconcile-time quantiles are NaN until two scrapes of the operator straddle a reconcile pass
+    # (resyncs come every 5 s): wait for that rather than for a fixed time.
+    prometheus.wait_for("rate(largemodel_operator_reconcile_seconds_count[5m]) > 0", timeout_s=30)
     time.sleep(2)  # two more scrapes of the operator, so its counters have a rate
     failures = []
     checked = 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +13,10 @@ from memworld import ROOT
 from mockcluster import MockCluster, apps_path, lm_path
 from operatorrun import assert_within_rbac, wait_for
 
+from largemodel.runtime.local import free_port
+
 LARGEMODEL = Path(sys.executable).parent / "largemodel"
 EXAMPLE = ROOT / "examples" / "smollm2-local.yaml"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_scope_flag_is_required() -> None:
@@ -37,7 +32,7 @@ def test_bad_metrics_port_is_a_clear_error() -> None:
 
 
 def test_all_namespaces_health_metrics_and_sigterm(cluster: MockCluster) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "PYTHONSAFEPATH": "1"}
     proc = subprocess.Popen(
         [str(LARGEMODEL), "operator", "--all-namespaces", "--metrics-address", "127.0.0.1",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,14 +25,10 @@ sys.path.insert(0, str(ROOT / "tests" / "operator"))
 from mockcluster import MockCluster, lm_path, running_cluster  # noqa: E402
 from operatorrun import operator_requests, rbac_triple, wait_for  # noqa: E402
 
+from largemodel.runtime.local import free_port
+
 NAMESPACE = "models"
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(params=["namespaced", "cluster-wide"])
@@ -41,7 +36,7 @@ def deployed(
     tmp_path: Path, request: pytest.FixtureRequest
 ) -> Iterator[tuple[MockCluster, dict[str, Any], list[dict[str, Any]], int]]:
     """The operator process of a namespaced or cluster-wide install, running against a mock cluster."""
-    values: dict[str, Any] = {"operator": {"metricsPort": _free_port(), "resyncSeconds": 30}}
+    values: dict[str, Any] = {"operator": {"metricsPort": free_port(), "resyncSeconds": 30}}
     if request.param == "namespaced":
         values["watch"] = {"allNamespaces": False, "namespaces": [NAMESPACE]}
     objects = render_objects(values)

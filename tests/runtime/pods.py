@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from rank_world import child_env, free_port
+from rank_world import child_env
 
 from largemodel import envcontract
+from largemodel.runtime.local import free_port, free_port_pair
 
 
 @dataclass
@@ -47,7 +48,7 @@ class Pods:
 def group_env(model_dir: Path, tp: int, pp: int, **overrides: str) -> dict[str, str]:
     """The group-wide env contract as the builders write it, on 127.0.0.1 with free ports."""
     env = envcontract.RankGroupEnv(
-        master_addr="127.0.0.1", master_port=free_port(), tp=tp, pp=pp, group_index=0,
+        master_addr="127.0.0.1", master_port=free_port_pair(), tp=tp, pp=pp, group_index=0,
         model_uri=model_dir.resolve().as_uri(), model_dtype="float32", micro_batches=2, engine="native",
         http_port=free_port(), grpc_port=free_port(), metrics_port=9100, max_batch_size=4, max_queue=16,
         max_model_len=64, model_name="tiny",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,15 +10,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from largemodel.runtime.launch import stop_processes
+from largemodel.runtime.local import free_port
 
 HERE = Path(__file__).resolve().parent
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,9 @@ from pathlib import Path
 
 import yaml
 
+from largemodel.runtime.local import free_port
+
 READY_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    """A currently unused TCP port on 127.0.0.1."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
