@@ -20,28 +20,21 @@ import json
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import httpx
 import yaml
 
+from largemodel.runtime.local import NotReadyError, free_port, wait_ready
+
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle. Request {i}:"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start_server(lm_file: Path, max_batch: int, micro_batches: int | None,
@@ -55,24 +48,19 @@ def start_server(lm_file: Path, max_batch: int, micro_batches: int | None,
     serving["maxQueue"] = max(max_batch, int(serving.get("maxQueue", 0)))
     copy = log_path.with_suffix(".yaml")
     copy.write_text(yaml.safe_dump(doc))
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "largemodel.operator.cli", "run", "-f", str(copy), "--port", str(port),
            "--grpc-port", "0"]
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=log_path.open("wb"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"largemodel run exited {proc.returncode}; log: {log_path}")
-        try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return proc, base, doc["metadata"]["name"]
-        except (urllib.error.URLError, OSError):
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit(f"not ready within 600 s; log: {log_path}")
+    try:
+        wait_ready(f"{base}/readyz", [proc], 600, poll_s=0.5)
+    except NotReadyError as err:
+        if proc.poll() is None:
+            proc.kill()
+        raise SystemExit(f"largemodel run: {err}; log: {log_path}") from None
+    return proc, base, doc["metadata"]["name"]
 
 
 async def one_stream(client: httpx.AsyncClient, i: int, new_tokens: int) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -106,7 +107,7 @@ def main(argv: list[str]) -> int:
     try:
         nodes = [_start_node(group, stage, args.grace) for stage in range(plan.pp)]
         base = f"http://{LOCALHOST}:{http_port}"
-        _wait_ready(base, nodes, args.ready_timeout)
+        wait_ready(f"{base}/readyz", nodes, args.ready_timeout)
         log.info("run.ready http=%s/v1 grpc=%s:%d model=%s", base, LOCALHOST, grpc_port, lm.metadata.name)
         if args.prompt is not None:
             _ask(base, lm.metadata.name, args.prompt, args.max_tokens)
@@ -185,25 +186,29 @@ def _port_busy(port: int) -> bool:
         return sock.connect_ex((LOCALHOST, port)) == 0
 
 
-def _wait_ready(base: str, nodes: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
-    """Poll /readyz until every rank joined; fail fast if a rank process exits."""
+class NotReadyError(RuntimeError):
+    """A readiness endpoint never answered 200: a watched process exited first, or time ran out."""
+
+
+def wait_ready(url: str, procs: Sequence[subprocess.Popen[bytes]], timeout_s: float, poll_s: float = 0.3) -> None:
+    """Poll `url` until it answers 200; NotReadyError as soon as one of `procs` exits, or at the deadline."""
     deadline = time.monotonic() + timeout_s
-    last_log = 0.0
+    last_log = time.monotonic()
     while time.monotonic() < deadline:
-        for stage, node in enumerate(nodes):
-            if node.poll() is not None:
-                raise RuntimeError(f"stage {stage} exited with code {node.returncode} before the group was ready")
+        for index, proc in enumerate(procs):  # for a rank group, index = stage
+            if proc.poll() is not None:
+                raise NotReadyError(f"process {index} exited with code {proc.returncode} before {url} was ready")
         try:
-            with urllib.request.urlopen(f"{base}/readyz", timeout=2) as resp:
+            with urllib.request.urlopen(url, timeout=2) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() - last_log > 10:
             last_log = time.monotonic()
-            log.info("run.waiting_ready url=%s/readyz", base)
-        time.sleep(0.3)
-    raise RuntimeError(f"the rank group was not ready within {timeout_s:.0f}s")
+            log.info("run.waiting_ready url=%s", url)
+        time.sleep(poll_s)
+    raise NotReadyError(f"{url} was not ready within {timeout_s:.0f}s")
 
 
 def _ask(base: str, model: str, prompt: str, max_tokens: int) -> None:

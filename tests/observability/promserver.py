@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 import yaml
 
-from largemodel.runtime.local import free_port
+from largemodel.runtime.local import NotReadyError, free_port, wait_ready
 
 log = logging.getLogger(__name__)
 
@@ -115,15 +115,10 @@ class Prometheus:
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes], log_path: Path, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise PrometheusError(f"prometheus exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{url}/-/ready", timeout=1.0).status_code == 200:
-                return
-        time.sleep(0.2)
-    raise PrometheusError(f"prometheus not ready after {timeout_s:.0f}s:\n{log_path.read_text()[-3000:]}")
+    try:
+        wait_ready(f"{url}/-/ready", [process], timeout_s, poll_s=0.2)
+    except NotReadyError as err:
+        raise PrometheusError(f"prometheus: {err}:\n{log_path.read_text()[-3000:]}") from None
 
 
 @contextlib.contextmanager

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 
 from largemodel import envcontract
-from largemodel.runtime.local import free_port, free_port_pair
+from largemodel.runtime.local import NotReadyError, free_port, free_port_pair, wait_ready
 from largemodel.runtime.parallel import PG_TIMEOUT_ENV
 from largemodel.runtime.server import BIND_HOST_ENV, DRAIN_GRACE_ENV
 
@@ -58,16 +58,10 @@ class RankGroup:
 
 
 def _wait_ready(group: RankGroup, procs: list[subprocess.Popen[bytes]], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        for stage, proc in enumerate(procs):
-            if proc.poll() is not None:
-                raise RuntimeError(f"stage {stage} exited with {proc.returncode}\n{group.tail_logs()}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{group.http_url}/readyz", timeout=2.0).status_code == 200:
-                return
-        time.sleep(0.5)
-    raise RuntimeError(f"group not ready after {timeout_s:.0f}s\n{group.tail_logs()}")
+    try:
+        wait_ready(f"{group.http_url}/readyz", procs, timeout_s, poll_s=0.5)
+    except NotReadyError as err:
+        raise RuntimeError(f"{err}\n{group.tail_logs()}") from None
 
 
 def _stop(procs: list[subprocess.Popen[bytes]]) -> None:

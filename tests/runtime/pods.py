@@ -12,11 +12,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from rank_world import child_env
 
 from largemodel import envcontract
-from largemodel.runtime.local import free_port, free_port_pair
+from largemodel.runtime import local
+from largemodel.runtime.local import NotReadyError, free_port, free_port_pair
 
 
 @dataclass
@@ -78,14 +78,10 @@ def running_pods(env: dict[str, str], workdir: Path, ready_timeout_s: float = 90
                 procs.append(subprocess.Popen(cmd, env=stage_env, stdout=out, stderr=subprocess.STDOUT,
                                               start_new_session=True))
         if wait_ready:
-            deadline = time.monotonic() + ready_timeout_s
-            while True:
-                assert all(p.poll() is None for p in procs), f"a pod exited during startup\n{pods.tail()}"
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{pods.http_url}/readyz", timeout=2).status_code == 200:
-                        break
-                assert time.monotonic() < deadline, f"group not ready in {ready_timeout_s}s\n{pods.tail()}"
-                time.sleep(0.3)
+            try:
+                local.wait_ready(f"{pods.http_url}/readyz", procs, ready_timeout_s)  # the flag shadows the name
+            except NotReadyError as err:
+                raise AssertionError(f"{err}\n{pods.tail()}") from None
         yield pods
     finally:
         for p in procs:

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from largemodel.runtime.local import free_port
+from largemodel.runtime.local import NotReadyError, free_port, wait_ready
 
 READY_TIMEOUT_S = 120
 
@@ -105,19 +104,13 @@ def start_run(lm_file: Path, log_path: Path, *extra: str, env: dict[str, str] | 
     log = log_path.open("wb")
     proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT)
     server = RunningServer(proc, http_port, grpc_port, name, log_path)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"largemodel run exited with {proc.returncode}:\n{server.log_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{server.base_url}/readyz", timeout=2) as resp:
-                if resp.status == 200:
-                    return server
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.3)
-    kill_process_tree(proc)
-    raise AssertionError(f"not ready within {READY_TIMEOUT_S}s:\n{server.log_text()[-4000:]}")
+    try:
+        wait_ready(f"{server.base_url}/readyz", [proc], READY_TIMEOUT_S)
+    except NotReadyError as err:
+        if proc.poll() is None:
+            kill_process_tree(proc)
+        raise AssertionError(f"largemodel run: {err}:\n{server.log_text()[-4000:]}") from None
+    return server
 
 
 def post_json(url: str, body: dict[str, object], timeout: float = 60) -> tuple[int, dict[str, object]]:
