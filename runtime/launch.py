@@ -51,6 +51,9 @@ def child_environ(env: RankEnv, local_rank: int, metrics_dir: Path) -> dict[str,
     child["PYTHONSAFEPATH"] = "1"  # operator/ shadows the stdlib module when cwd is the source tree
     # Ranks share the pod's cores; without this each would start one thread per core.
     child.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // env.nproc_per_node)))
+    # torch's CPU allocator backs tensors >= 2 MiB with transparent huge pages: streaming the weights
+    # through fewer TLB entries measured +5-10% decode bandwidth (docs/PERFORMANCE.md, "Engine").
+    child.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     child[MULTIPROC_ENV] = str(metrics_dir)
     return child
 

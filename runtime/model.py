@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
+from largemodel.runtime.cpu_kernels import Linear, linear
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -195,6 +197,26 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None, list[int]]:
+    """Back `linears` (same input, allocated, not yet loaded) by one weight matrix: their parameters
+    become row blocks of it, so loading fills it and one matmul computes all of them.
+
+    A decode step streams each weight once; one long matrix streams faster than three short ones
+    (fewer thread hand-offs, one prefetch ramp). Returns (weight, bias or None, output sizes).
+    """
+    first = linears[0].weight
+    sizes = [lin.out_features for lin in linears]
+    weight = torch.empty(sum(sizes), first.shape[1], dtype=first.dtype, device=first.device)
+    bias = None if linears[0].bias is None else torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
+    start = 0
+    for lin, size in zip(linears, sizes, strict=True):
+        lin.weight = nn.Parameter(weight[start:start + size], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[start:start + size], requires_grad=False)
+        start += size
+    return weight, bias, sizes
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm computed in float32, as transformers does."""
 
@@ -217,12 +239,17 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.kv_heads, config.head_size
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=config.o_bias)
+        self.q_proj = Linear(hidden, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=config.o_bias)
         self.k_cache: Tensor | None = None
         self.v_cache: Tensor | None = None
+        self.qkv: tuple[Tensor, Tensor | None, list[int]] | None = None
+
+    def fuse(self) -> None:
+        """q/k/v as one matrix (see fuse_linears); call after allocation, before loading weights."""
+        self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate this layer's cache once; nothing is allocated per step after this."""
@@ -233,9 +260,13 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, layout: BatchLayout) -> Tensor:
         assert self.k_cache is not None and self.v_cache is not None, "setup_cache() first"
         batch, width, _ = x.shape
-        q = self.q_proj(x).view(batch, width, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, width, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, width, self.n_kv_heads, self.head_dim)
+        if self.qkv is not None:
+            q, k, v = linear(x, self.qkv[0], self.qkv[1]).split(self.qkv[2], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.unflatten(-1, (self.n_heads, self.head_dim))
+        k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
         q = q * layout.cos + rotate_half(q) * layout.sin
         k = k * layout.cos + rotate_half(k) * layout.sin
         new_k = k.flatten(0, 1) if layout.valid is None else k[layout.valid]
@@ -261,12 +292,21 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
+        self.gate_proj = Linear(hidden, inner, bias=config.mlp_bias)
+        self.up_proj = Linear(hidden, inner, bias=config.mlp_bias)
+        self.down_proj = Linear(inner, hidden, bias=config.mlp_bias)
+        self.gate_up: tuple[Tensor, Tensor | None, list[int]] | None = None
+
+    def fuse(self) -> None:
+        """gate/up as one matrix (see fuse_linears); call after allocation, before loading weights."""
+        self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up is not None:
+            gate, up = linear(x, self.gate_up[0], self.gate_up[1]).split(self.gate_up[2], dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -302,7 +342,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config, self.first, self.last = config, first, last
         self.model = Decoder(config, layers, first, last)
-        self.lm_head: nn.Module | None = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if last else None
+        self.lm_head: nn.Module | None = Linear(config.hidden_size, config.vocab_size, bias=False) if last else None
         self.cos_table = torch.empty(0)
         self.sin_table = torch.empty(0)
         self.max_batch = self.max_len = 0
@@ -316,6 +356,13 @@ class CausalLM(nn.Module):
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(self.config))
         angles = torch.cat((freqs, freqs), dim=-1)
         self.cos_table, self.sin_table = angles.cos().to(device), angles.sin().to(device)
+
+    def fuse_projections(self) -> None:
+        """Fuse every layer's q/k/v and gate/up weights; after allocation, before loading weights."""
+        for layer in self.model.layers.values():
+            assert isinstance(layer, DecoderLayer)
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def layout(self, slots: Tensor, start_pos: Tensor, lengths: Tensor, dtype: torch.dtype) -> BatchLayout:
         """The BatchLayout of a micro-batch for this stage's caches."""

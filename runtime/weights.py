@@ -18,6 +18,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from largemodel.partition import stage_layer_range
+from largemodel.runtime import cpu_kernels
 from largemodel.runtime.model import CausalLM, ModelConfig, ModelConfigError, load_config
 from largemodel.runtime.parallel import ParallelContext, Shard, apply_tensor_parallel
 
@@ -73,6 +74,8 @@ def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
                 max_batch: int, max_len: int) -> tuple[CausalLM, float]:
     """This rank's stage model with weights loaded and KV caches allocated; returns (model, seconds)."""
     began = time.perf_counter()
+    if device.type == "cpu":
+        cpu_kernels.load()  # the decode GEMV kernel: built once per machine, logged, optional
     config = load_config(model_dir)
     if ctx.pp > config.num_hidden_layers:
         raise ModelConfigError(f"pp={ctx.pp} exceeds num_hidden_layers={config.num_hidden_layers}")
@@ -81,6 +84,7 @@ def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
         model = CausalLM(config, layers, first=ctx.pp_rank == 0, last=ctx.pp_rank == ctx.pp - 1)
     shards = apply_tensor_parallel(model, ctx)
     model = model.to(dtype).to_empty(device=device).eval()
+    model.fuse_projections()
     if model.lm_head is not None and model.model.embed_tokens is not None and config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # one copy; named_parameters yields it once
     nbytes = load_weights(model, config, Path(model_dir), shards)

@@ -1,0 +1,164 @@
+"""CPU decode kernel `largemodel::small_linear`: built from small_linear.cpp on first use, cached, optional.
+
+A decode step multiplies a handful of activation rows by every weight matrix once, so on CPU it is
+as fast as the weights stream from memory. torch's F.linear for one row goes to MKL's GEMV (fp32) or
+oneDNN (bf16), which on this project's AMD Zen 4 machines stream at about half the bus bandwidth;
+small_linear.cpp streams them at close to it (docs/PERFORMANCE.md, "Engine").
+
+`load()` compiles the C++ file with the system compiler against the installed torch into
+`$LARGEMODEL_KERNEL_DIR` (default `~/.cache/largemodel/kernels`), keyed by a hash of the source, the
+torch version and the flags, and loads it with `torch.ops.load_library`; a prebuilt library there
+(the container image builds one) is loaded without a compiler and without writing anything.
+Anything that stops it (not x86-64, no AVX-512 BF16, no compiler, a read-only directory, or
+`LARGEMODEL_CPU_KERNELS=0`) is logged once and leaves F.linear in charge: the kernel only ever
+changes speed, never whether the engine runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("small_linear.cpp")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+CXX_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
+             "-mavx512bf16"]
+# Activation rows up to which the kernel beats F.linear here (1.6x fp32 at 8 rows, 0.9x bf16 at 8): from
+# there on arithmetic, not the weight stream, is the limit and the BLAS GEMM does as well or better.
+MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4}
+
+_op: Any = None
+_tried = False
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot run on this machine/config, or None when it can."""
+    if os.environ.get("LARGEMODEL_CPU_KERNELS", "1").lower() in ("0", "false", "off", "no"):
+        return "disabled by LARGEMODEL_CPU_KERNELS"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"not x86-64 ({platform.machine()})"
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError as err:
+        return f"cannot read /proc/cpuinfo: {err}"
+    missing = [f for f in CPU_FLAGS if f not in flags]
+    return f"CPU lacks {', '.join(missing)}" if missing else None
+
+
+def kernel_dir() -> Path:
+    """Where the built library lives: $LARGEMODEL_KERNEL_DIR, else the user cache."""
+    configured = os.environ.get("LARGEMODEL_KERNEL_DIR")
+    if configured:
+        return Path(configured)
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache) / "largemodel" / "kernels"
+
+
+def library_path() -> Path:
+    """The cached library for this source, torch version and flag set."""
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CXX_FLAGS).encode())
+    return kernel_dir() / f"small_linear-{key.hexdigest()[:16]}.so"
+
+
+def build(target: Path) -> None:
+    """Compile small_linear.cpp into `target` (written under a temporary name, then renamed)."""
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (c++/g++) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    abi = int(torch.compiled_with_cxx11_abi())
+    libs = library_paths()
+    with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
+        partial = Path(tmp.name)
+    cmd = [cxx, *CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-isystem{p}" for p in include_paths()),
+           str(SOURCE), "-o", str(partial), *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs),
+           "-lc10", "-ltorch_cpu"]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            raise RuntimeError(f"{cxx} exited {result.returncode}: {result.stderr.strip()[-2000:]}")
+        os.replace(partial, target)  # atomic: concurrent ranks each build, the last rename wins
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def load() -> bool:
+    """Make torch.ops.largemodel.small_linear available (building it if needed); False if it cannot be."""
+    global _op, _tried
+    if _tried:
+        return _op is not None
+    _tried = True
+    reason = unavailable_reason()
+    if reason is None:
+        try:
+            path = library_path()
+            if not path.exists():
+                log.info("event=kernel_build kernel=small_linear path=%s", path)
+                began = time.perf_counter()
+                build(path)
+                log.info("event=kernel_built kernel=small_linear seconds=%.1f", time.perf_counter() - began)
+            torch.ops.load_library(str(path))
+            _op = torch.ops.largemodel.small_linear
+        except Exception as err:  # noqa: BLE001 - any failure only means the slower F.linear path
+            reason = f"{type(err).__name__}: {err}"
+    if reason is not None:
+        log.warning("event=kernel_unavailable kernel=small_linear reason=%r fallback=F.linear", reason)
+        return False
+    log.info("event=kernel_loaded kernel=small_linear path=%s", library_path())
+    return True
+
+
+@contextmanager
+def disabled() -> Iterator[None]:
+    """Route every call to F.linear inside the block (benchmarks compare the two paths in one run)."""
+    global _op
+    saved, _op = _op, None
+    try:
+        yield
+    finally:
+        _op = saved
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, through small_linear for the few-row CPU inference calls it is faster at."""
+    if (_op is not None and x.device.type == "cpu" and x.dtype == weight.dtype
+            and x.numel() <= MAX_ROWS.get(x.dtype, 0) * x.shape[-1]
+            and not torch.is_grad_enabled() and weight.is_contiguous()):
+        return _op(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+class Linear(torch.nn.Linear):
+    """nn.Linear whose inference forward goes through `linear` (same parameters, same state dict)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's signature
+        return linear(input, self.weight, self.bias)
+
+
+def main() -> int:
+    """`python -m largemodel.runtime.cpu_kernels`: build (or find) the kernel now, report the outcome."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    ok = load()
+    print(f"small_linear: {'ready at ' + str(library_path()) if ok else 'unavailable (F.linear is used)'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""The CPU decode kernel (largemodel::small_linear) and the fused projections it streams.
+
+The kernel must compute what F.linear computes (fp32 to rounding, bf16 to one bf16 rounding of
+the output), for every shape a decode step produces, and the engine must run with or without it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from largemodel.runtime import cpu_kernels
+from largemodel.runtime.parallel import ParallelContext
+from largemodel.runtime.weights import build_stage
+
+
+@pytest.fixture(scope="module")
+def kernel() -> Any:
+    reason = cpu_kernels.unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"small_linear cannot run on this machine: {reason} (the engine uses F.linear here)")
+    assert cpu_kernels.load(), "the kernel should build and load on a machine that supports it"
+    return torch.ops.largemodel.small_linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize(("in_f", "out_f"), [(1, 1), (17, 3), (64, 65), (100, 300), (1024, 7), (2816, 130)])
+def test_matches_linear(kernel: Any, dtype: torch.dtype, rows: int, in_f: int, out_f: int) -> None:
+    gen = torch.Generator().manual_seed(rows * 1000 + in_f + out_f)
+    x = torch.randn(rows, in_f, generator=gen).to(dtype)
+    w = torch.randn(out_f, in_f, generator=gen).to(dtype)
+    b = torch.randn(out_f, generator=gen).to(dtype)
+    with torch.inference_mode():
+        got = kernel(x, w, b)
+        unbiased = kernel(x, w)
+    exact = x.double() @ w.double().T + b.double()
+    assert got.dtype == dtype and got.shape == (rows, out_f)
+    # Accumulation is fp32 in both dtypes; bf16 adds one rounding of the output (8 mantissa bits).
+    rel = 2e-6 * in_f**0.5 if dtype == torch.float32 else 2**-8
+    scale = (x.double().abs() @ w.double().abs().T + b.double().abs()).max().item()
+    assert (got.double() - exact).abs().max().item() <= rel * scale + 1e-6
+    assert torch.allclose(unbiased.double() + b.double(), got.double(), atol=rel * scale * 2 + 1e-6)
+
+
+def test_dispatch_shapes_and_fallbacks(kernel: Any) -> None:
+    lin = cpu_kernels.Linear(64, 32)
+    x = torch.randn(2, 3, 64)  # [batch, width, features]: 6 rows, within the fp32 limit
+    with torch.inference_mode():
+        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
+        big = torch.randn(5, 9, 64)  # 45 rows: a prefill, goes to F.linear
+        assert torch.equal(lin(big), F.linear(big, lin.weight, lin.bias))
+    # With autograd on (training, tests of gradients) F.linear is used and gradients flow.
+    y = lin(torch.randn(1, 64, requires_grad=True)).sum()
+    y.backward()
+    assert lin.weight.grad is not None
+
+
+def test_fused_projections_share_storage_with_named_parameters(kernel: Any, checkpoints: dict[str, Any]) -> None:
+    """q/k/v and gate/up parameters are row blocks of one matrix each, filled by the normal loader."""
+    model, _ = build_stage(Path(checkpoints["models"]["gqa"]["dir"]), ParallelContext(), torch.float32,
+                           torch.device("cpu"), 1, 16)
+    layer = next(iter(model.model.layers.values()))
+    attn, mlp = layer.self_attn, layer.mlp
+    assert attn.qkv is not None and mlp.gate_up is not None
+    fused, _, sizes = attn.qkv
+    assert sizes == [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
+    assert torch.equal(fused, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
+    assert attn.q_proj.weight.data_ptr() == fused.data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == mlp.gate_up[0][mlp.gate_proj.out_features:].data_ptr()
+    assert "model.layers.0.self_attn.k_proj.weight" in dict(model.named_parameters())
+
+
+def _run_module(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "largemodel.runtime.cpu_kernels"], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONSAFEPATH": "1", **env})
+
+
+def test_disabled_kernel_falls_back_with_a_logged_reason() -> None:
+    done = _run_module({"LARGEMODEL_CPU_KERNELS": "0"})
+    assert done.returncode == 0
+    assert "unavailable (F.linear is used)" in done.stdout
+    assert "event=kernel_unavailable" in done.stderr and "LARGEMODEL_CPU_KERNELS" in done.stderr
+
+
+def test_prebuilt_library_loads_without_building_or_writing(kernel: Any, tmp_path: Path) -> None:
+    """What a pod with a read-only root filesystem does: load the image's library, write nothing."""
+    kernels = tmp_path / "kernels"
+    built = _run_module({"LARGEMODEL_KERNEL_DIR": str(kernels)})
+    assert built.returncode == 0 and "event=kernel_built" in built.stderr, built.stderr
+    kernels.chmod(0o555)
+    try:
+        loaded = _run_module({"LARGEMODEL_KERNEL_DIR": str(kernels)})
+    finally:
+        kernels.chmod(0o755)
+    assert loaded.returncode == 0 and "ready at" in loaded.stdout, loaded.stderr
+    assert "event=kernel_build " not in loaded.stderr
+    assert sorted(p.name for p in kernels.iterdir()) == [cpu_kernels.library_path().name]
+
+
+def test_no_compiler_falls_back(tmp_path: Path) -> None:
+    done = _run_module({"LARGEMODEL_KERNEL_DIR": str(tmp_path / "k"), "CXX": str(tmp_path / "no-such-compiler")})
+    assert done.returncode == 0 and "unavailable" in done.stdout
+    assert "event=kernel_unavailable" in done.stderr
