@@ -11,6 +11,8 @@ machine under the same load:
 3. batch-1 decode tokens/s: transformers `generate` vs the native Engine (tp=1, pp=1) on that checkpoint,
    checking both produce the same greedy tokens, and the Engine's fraction of the roofline
    (bytes a decode step must read: every weight but the embedding table, plus the KV cache);
+   on CPU also the same Engine with its decode kernel switched off (every matmul on F.linear), and
+   the whole comparison again with both sides in bfloat16;
 4. batched decode tokens/s at batch 1, 4 and 16;
 5. PP=2 (two rank processes, gloo on 127.0.0.1, one thread each): decode throughput of 16
    sequences with 1 micro-batch vs 4 micro-batches per step(), and with 4 groups kept in flight
@@ -32,11 +34,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
+# Huge pages for torch's large CPU allocations, set before torch allocates anything, for transformers
+# and the Engine alike (the rank launcher sets the same for every rank process).
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from largemodel.runtime.engine import Engine, SeqInput
-from largemodel.runtime.parallel import ParallelContext, init_distributed
-from largemodel.runtime.weights import build_stage
+import torch  # noqa: E402
+
+from largemodel.runtime import cpu_kernels  # noqa: E402
+from largemodel.runtime.engine import Engine, SeqInput  # noqa: E402
+from largemodel.runtime.parallel import ParallelContext, init_distributed  # noqa: E402
+from largemodel.runtime.weights import build_stage  # noqa: E402
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=4096, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -283,7 +290,14 @@ def main() -> int:
     res["roofline_tok_s"] = res["bandwidth_gbs"] * 1e9 / step_bytes
     res["roofline_fraction"] = ours_tps / res["roofline_tok_s"]
     res["roofline_fraction_best"] = max(duel["engine_runs"]) / res["roofline_tok_s"]
+    res["engine_stream_gbs"] = ours_tps * step_bytes / 1e9
     res["batched_tok_s"] = {b: engine_decode(engine, prompts[:b], args.tokens)[0] for b in (1, 4, 16)}
+    if not cuda:
+        # The same Engine with every matmul on F.linear (MKL/oneDNN): what the decode kernel adds.
+        res["cpu_kernel"] = cpu_kernels.load()
+        with cpu_kernels.disabled():
+            res["engine_f_linear_tok_s"] = sorted(engine_decode(engine, [prompts[0]], args.tokens)[0]
+                                                  for _ in range(args.rounds))[args.rounds // 2]
     engine.shutdown()
     del engine
     if not cuda:
