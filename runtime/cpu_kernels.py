@@ -1,9 +1,11 @@
-"""CPU decode kernel `largemodel::small_linear`: built from small_linear.cpp on first use, cached, optional.
+"""CPU decode kernels `largemodel::small_linear` and `rms_norm`: built from small_linear.cpp on first use,
+cached, optional.
 
 A decode step multiplies a handful of activation rows by every weight matrix once, so on CPU it is
 as fast as the weights stream from memory. torch's F.linear for one row goes to MKL's GEMV (fp32) or
 oneDNN (bf16), which on this project's AMD Zen 4 machines stream at about half the bus bandwidth;
-small_linear.cpp streams them at close to it (docs/PERFORMANCE.md, "Engine").
+small_linear.cpp streams them at close to it (docs/PERFORMANCE.md, "Engine"). Its rms_norm does in
+one pass what eight tensor ops do, which matters once the matmuls are that fast.
 
 `load()` compiles the C++ file with the system compiler against the installed torch into
 `$LARGEMODEL_KERNEL_DIR` (default `~/.cache/largemodel/kernels`), keyed by a hash of the source, the
@@ -42,6 +44,7 @@ CXX_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "
 MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4}
 
 _op: Any = None
+_norm: Any = None
 _tried = False
 
 
@@ -101,7 +104,7 @@ def build(target: Path) -> None:
 
 def load() -> bool:
     """Make torch.ops.largemodel.small_linear available (building it if needed); False if it cannot be."""
-    global _op, _tried
+    global _op, _norm, _tried
     if _tried:
         return _op is not None
     _tried = True
@@ -115,7 +118,7 @@ def load() -> bool:
                 build(path)
                 log.info("event=kernel_built kernel=small_linear seconds=%.1f", time.perf_counter() - began)
             torch.ops.load_library(str(path))
-            _op = torch.ops.largemodel.small_linear
+            _op, _norm = torch.ops.largemodel.small_linear, torch.ops.largemodel.rms_norm
         except Exception as err:  # noqa: BLE001 - any failure only means the slower F.linear path
             reason = f"{type(err).__name__}: {err}"
     if reason is not None:
@@ -128,12 +131,12 @@ def load() -> bool:
 @contextmanager
 def disabled() -> Iterator[None]:
     """Route every call to F.linear inside the block (benchmarks compare the two paths in one run)."""
-    global _op
-    saved, _op = _op, None
+    global _op, _norm
+    saved, _op, _norm = (_op, _norm), None, None
     try:
         yield
     finally:
-        _op = saved
+        _op, _norm = saved
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -143,6 +146,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             and not torch.is_grad_enabled() and weight.is_contiguous()):
         return _op(x, weight, bias)
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """transformers' LlamaRMSNorm (fp32 math, rounded to x's dtype, then times the weight), fused on CPU."""
+    if (_norm is not None and x.device.type == "cpu" and x.dtype == weight.dtype
+            and x.dtype in (torch.float32, torch.bfloat16) and not torch.is_grad_enabled()):
+        return _norm(x, weight, eps)
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
 
 
 class Linear(torch.nn.Linear):

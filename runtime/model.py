@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from largemodel.runtime.cpu_kernels import Linear, linear
+from largemodel.runtime.cpu_kernels import Linear, linear, rms_norm
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -226,10 +226,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dtype = x.dtype
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -261,14 +258,16 @@ class Attention(nn.Module):
         assert self.k_cache is not None and self.v_cache is not None, "setup_cache() first"
         batch, width, _ = x.shape
         if self.qkv is not None:
-            q, k, v = linear(x, self.qkv[0], self.qkv[1]).split(self.qkv[2], dim=-1)
+            qkv = linear(x, self.qkv[0], self.qkv[1]).unflatten(-1, (-1, self.head_dim))
+            # q and k heads are adjacent in the fused output: one RoPE over both.
+            qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
+            q, k = (qk * layout.cos + rotate_half(qk) * layout.sin).split([self.n_heads, self.n_kv_heads], dim=2)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.unflatten(-1, (self.n_heads, self.head_dim))
-        k = k.unflatten(-1, (self.n_kv_heads, self.head_dim))
-        v = v.unflatten(-1, (self.n_kv_heads, self.head_dim))
-        q = q * layout.cos + rotate_half(q) * layout.sin
-        k = k * layout.cos + rotate_half(k) * layout.sin
+            q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
+            k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+            v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+            q = q * layout.cos + rotate_half(q) * layout.sin
+            k = k * layout.cos + rotate_half(k) * layout.sin
         new_k = k.flatten(0, 1) if layout.valid is None else k[layout.valid]
         new_v = v.flatten(0, 1) if layout.valid is None else v[layout.valid]
         self.k_cache[layout.write_slot, :, layout.write_pos] = new_k

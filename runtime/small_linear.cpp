@@ -11,6 +11,10 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
 namespace {
 
 // Weight rows are read one after another, the whole matrix as one sequential stream (the hardware
@@ -90,32 +94,89 @@ at::Tensor small_linear(const at::Tensor& input, const at::Tensor& weight, const
   TORCH_CHECK(input.size(-1) == in, "small_linear: input has ", input.size(-1), " features, weight ", in);
   auto x = input.reshape({-1, in}).contiguous();
   const int64_t rows_n = x.size(0);
-  auto y = at::empty({rows_n, out}, x.options().dtype(at::kFloat));
-  float* yp = y.mutable_data_ptr<float>();
   const bool bf16 = weight.scalar_type() == at::kBFloat16;
+  // fp32 results go straight to the output; bf16 ones through an fp32 scratch, then bias and one
+  // rounding per element inside the same task (no extra pass over the output).
+  auto result = at::empty({rows_n, out}, x.options());
+  auto scratch = bf16 ? at::empty({rows_n, out}, x.options().dtype(at::kFloat)) : result;
+  float* yp = scratch.mutable_data_ptr<float>();
+  at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   // Output rows split over torch's intra-op threads, at least 64 rows per task.
   at::parallel_for(0, out, 64, [&](int64_t r0, int64_t r1) {
     if (bf16) {
       const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
       const auto* wp = reinterpret_cast<const uint16_t*>(weight.const_data_ptr());
       rows<uint16_t, dot_bf16<1>, dot_bf16<2>, dot_bf16<3>, dot_bf16<4>>(xp, rows_n, in, wp, yp, out, r0, r1);
+      auto* op = result.mutable_data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < rows_n; ++i)
+        for (int64_t r = r0; r < r1; ++r) op[i * out + r] = at::BFloat16(yp[i * out + r] + (bp ? bp[r] : 0.f));
     } else {
       rows<float, dot_f32<1>, dot_f32<2>, dot_f32<3>, dot_f32<4>>(x.const_data_ptr<float>(), rows_n, in,
                                                                    weight.const_data_ptr<float>(), yp, out, r0, r1);
+      if (bp)
+        for (int64_t i = 0; i < rows_n; ++i)
+          for (int64_t r = r0; r < r1; ++r) yp[i * out + r] += bp[r];
     }
   });
-  if (bias.has_value() && bias->defined()) y.add_(*bias);
   auto shape = input.sizes().vec();
   shape.back() = out;
-  return y.to(input.scalar_type()).view(shape);
+  return result.view(shape);
+}
+
+// weight * (x / sqrt(mean(x^2) + eps)), computed in fp32 and rounded to x's dtype before the weight
+// multiplies it: transformers' LlamaRMSNorm, in one pass per row instead of eight tensor ops.
+at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps) {
+  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(), "rms_norm: CPU tensors only");
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "rms_norm: input and weight dtypes differ");
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16,
+              "rms_norm: float32 or bfloat16 only");
+  const int64_t dim = weight.numel();
+  TORCH_CHECK(input.size(-1) == dim, "rms_norm: input has ", input.size(-1), " features, weight ", dim);
+  auto x = input.reshape({-1, dim}).contiguous();
+  auto w = weight.contiguous();
+  auto result = at::empty_like(x);
+  const int64_t n = x.size(0);
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    std::vector<float> row(dim);
+    for (int64_t i = i0; i < i1; ++i) {
+      if (x.scalar_type() == at::kBFloat16) {
+        const auto* xr = x.const_data_ptr<at::BFloat16>() + i * dim;
+        for (int64_t k = 0; k < dim; ++k) row[k] = static_cast<float>(xr[k]);
+      } else {
+        std::copy_n(x.const_data_ptr<float>() + i * dim, dim, row.data());
+      }
+      float lanes[16] = {};  // 16 partial sums: vectorizes, and sums more accurately than one
+      int64_t k = 0;
+      for (; k + 16 <= dim; k += 16)
+        for (int l = 0; l < 16; ++l) lanes[l] += row[k + l] * row[k + l];
+      for (; k < dim; ++k) lanes[0] += row[k] * row[k];
+      float ss = 0.f;
+      for (float v : lanes) ss += v;
+      const float scale = 1.f / std::sqrt(ss / static_cast<float>(dim) + static_cast<float>(eps));
+      if (x.scalar_type() == at::kBFloat16) {
+        const auto* wr = w.const_data_ptr<at::BFloat16>();
+        auto* o = result.mutable_data_ptr<at::BFloat16>() + i * dim;
+        for (int64_t k = 0; k < dim; ++k)
+          o[k] = at::BFloat16(static_cast<float>(wr[k]) * static_cast<float>(at::BFloat16(row[k] * scale)));
+      } else {
+        const float* wr = w.const_data_ptr<float>();
+        float* o = result.mutable_data_ptr<float>() + i * dim;
+        for (int64_t k = 0; k < dim; ++k) o[k] = wr[k] * (row[k] * scale);
+      }
+    }
+  });
+  return result.view(input.sizes());
 }
 
 }  // namespace
 
 TORCH_LIBRARY(largemodel, m) {
   m.def("small_linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(largemodel, CPU, m) {
   m.impl("small_linear", &small_linear);
+  m.impl("rms_norm", &rms_norm);
 }

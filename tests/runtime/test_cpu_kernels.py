@@ -50,6 +50,27 @@ def test_matches_linear(kernel: Any, dtype: torch.dtype, rows: int, in_f: int, o
     assert torch.allclose(unbiased.double() + b.double(), got.double(), atol=rel * scale * 2 + 1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (3, 5, 1024), (2, 7, 100)])
+def test_rms_norm_matches_transformers(kernel: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    gen = torch.Generator().manual_seed(shape[-1])
+    ref = LlamaRMSNorm(shape[-1], eps=1e-5).to(dtype)
+    with torch.no_grad():
+        ref.weight.copy_(torch.randn(shape[-1], generator=gen))
+    x = (3 * torch.randn(shape, generator=gen)).to(dtype)
+    with torch.inference_mode():
+        got, want = cpu_kernels.rms_norm(x, ref.weight, 1e-5), ref(x)
+        with cpu_kernels.disabled():
+            fallback = cpu_kernels.rms_norm(x, ref.weight, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    assert torch.equal(fallback, want)
+    # fp32: summation order only; bf16: the same two roundings, so at most one bf16 step apart.
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
+    assert torch.allclose(got.float(), want.float(), **tol)
+
+
 def test_dispatch_shapes_and_fallbacks(kernel: Any) -> None:
     lin = cpu_kernels.Linear(64, 32)
     x = torch.randn(2, 3, 64)  # [batch, width, features]: 6 rows, within the fp32 limit
