@@ -7,7 +7,8 @@ machine under the same load:
 
 1. builds (once, cached under ~/.cache/largemodel/bench/) a seeded random Llama checkpoint big enough
    to be memory-bound (preset cpu: ~250M parameters, ~1 GB fp32; GQA 16/4 heads);
-2. measures memory bandwidth (best of several passes of summing a 1 GiB tensor);
+2. measures memory bandwidth (best of several passes of summing a 1 GiB tensor) at the start, after
+   the batch-1 comparison and at the end; the roofline uses the highest of the three;
 3. batch-1 decode tokens/s: transformers `generate` vs the native Engine (tp=1, pp=1) on that checkpoint,
    checking both produce the same greedy tokens, and the Engine's fraction of the roofline
    (bytes a decode step must read: every weight but the embedding table, plus the KV cache);
@@ -287,9 +288,7 @@ def main() -> int:
     res["params_m"] = sum(p.numel() for p in engine.model.parameters()) / 1e6
     res.update(duel)
     step_bytes = decode_bytes_per_step(engine, PROMPT_LEN + args.tokens // 2)
-    res["roofline_tok_s"] = res["bandwidth_gbs"] * 1e9 / step_bytes
-    res["roofline_fraction"] = ours_tps / res["roofline_tok_s"]
-    res["roofline_fraction_best"] = max(duel["engine_runs"]) / res["roofline_tok_s"]
+    res["bandwidth_gbs_after_duel"] = bandwidth_gbs(device)
     res["engine_stream_gbs"] = ours_tps * step_bytes / 1e9
     res["batched_tok_s"] = {b: engine_decode(engine, prompts[:b], args.tokens)[0] for b in (1, 4, 16)}
     if not cuda:
@@ -313,6 +312,12 @@ def main() -> int:
         res["pp2_prefill_speedup_step16_m4_vs_m1"] = pp["prefill_step16_m4"] / pp["prefill_step16_m1"]
     # Other work on a shared machine moves every number: record how busy it was, and re-measure.
     res["bandwidth_gbs_end"] = bandwidth_gbs(device)
+    # A shared machine's bus moves with its neighbours (2x within a minute here): the roofline takes
+    # the highest bandwidth measured in the run, so the fraction is a lower bound.
+    peak = max(res["bandwidth_gbs"], res["bandwidth_gbs_after_duel"], res["bandwidth_gbs_end"])
+    res["roofline_tok_s"] = peak * 1e9 / step_bytes
+    res["roofline_fraction"] = ours_tps / res["roofline_tok_s"]
+    res["roofline_fraction_best"] = max(duel["engine_runs"]) / res["roofline_tok_s"]
     res["load_avg_end"] = os.getloadavg()[0]
     print(json.dumps(res, indent=2))
     if args.out:

@@ -39,12 +39,13 @@ SOURCE = Path(__file__).with_name("small_linear.cpp")
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 CXX_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl",
              "-mavx512bf16"]
-# Activation rows up to which the kernel beats F.linear here (1.6x fp32 at 8 rows, 0.9x bf16 at 8): from
-# there on arithmetic, not the weight stream, is the limit and the BLAS GEMM does as well or better.
-MAX_ROWS = {torch.float32: 8, torch.bfloat16: 4}
+# Activation rows up to which the kernel is the fastest path measured here; from there on arithmetic,
+# not the weight stream, is the limit and oneDNN's GEMM does as well or better.
+MAX_ROWS = 4
 
 _op: Any = None
 _norm: Any = None
+_onednn: Any = None  # torch.ops.mkldnn._linear_pointwise: oneDNN's fp32 GEMM, 1.1-2x MKL's on AMD Zen
 _tried = False
 
 
@@ -104,10 +105,11 @@ def build(target: Path) -> None:
 
 def load() -> bool:
     """Make torch.ops.largemodel.small_linear available (building it if needed); False if it cannot be."""
-    global _op, _norm, _tried
+    global _op, _norm, _onednn, _tried
     if _tried:
         return _op is not None
     _tried = True
+    _onednn = onednn_linear()
     reason = unavailable_reason()
     if reason is None:
         try:
@@ -128,23 +130,46 @@ def load() -> bool:
     return True
 
 
+def onednn_linear() -> Any:
+    """torch's oneDNN linear op when this torch build has one that works, else None.
+
+    For fp32 matmuls with more rows than small_linear takes (batched decode, prefill) oneDNN's GEMM
+    measured 1.1-2.3x MKL's (F.linear) on this project's AMD Zen 4 machines, where MKL does not use
+    its AVX-512 paths; in bf16 F.linear already goes to oneDNN.
+    """
+    if os.environ.get("LARGEMODEL_CPU_KERNELS", "1").lower() in ("0", "false", "off", "no"):
+        return None
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        op = torch.ops.mkldnn._linear_pointwise
+        x, w = torch.ones(2, 3), torch.ones(4, 3)
+        with torch.inference_mode():
+            ok = torch.equal(op(x, w, None, "none", [], ""), torch.full((2, 4), 3.0))
+        return op if ok else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
 @contextmanager
 def disabled() -> Iterator[None]:
     """Route every call to F.linear inside the block (benchmarks compare the two paths in one run)."""
-    global _op, _norm
-    saved, _op, _norm = (_op, _norm), None, None
+    global _op, _norm, _onednn
+    saved, _op, _norm, _onednn = (_op, _norm, _onednn), None, None, None
     try:
         yield
     finally:
-        _op, _norm = saved
+        _op, _norm, _onednn = saved
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, through small_linear for the few-row CPU inference calls it is faster at."""
-    if (_op is not None and x.device.type == "cpu" and x.dtype == weight.dtype
-            and x.numel() <= MAX_ROWS.get(x.dtype, 0) * x.shape[-1]
-            and not torch.is_grad_enabled() and weight.is_contiguous()):
-        return _op(x, weight, bias)
+    """F.linear; for CPU inference, small_linear up to MAX_ROWS rows and oneDNN beyond (fp32)."""
+    if x.device.type == "cpu" and x.dtype == weight.dtype and not torch.is_grad_enabled():
+        if (_op is not None and x.numel() <= MAX_ROWS * x.shape[-1] and x.dtype in (torch.float32, torch.bfloat16)
+                and weight.is_contiguous()):
+            return _op(x, weight, bias)
+        if _onednn is not None and x.dtype == torch.float32:
+            return _onednn(x, weight, bias, "none", [], "")
     return torch.nn.functional.linear(x, weight, bias)
 
 

@@ -73,15 +73,27 @@ def test_rms_norm_matches_transformers(kernel: Any, dtype: torch.dtype, shape: t
 
 def test_dispatch_shapes_and_fallbacks(kernel: Any) -> None:
     lin = cpu_kernels.Linear(64, 32)
-    x = torch.randn(2, 3, 64)  # [batch, width, features]: 6 rows, within the fp32 limit
     with torch.inference_mode():
-        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
-        big = torch.randn(5, 9, 64)  # 45 rows: a prefill, goes to F.linear
-        assert torch.equal(lin(big), F.linear(big, lin.weight, lin.bias))
+        for shape in [(1, 1, 64), (2, 2, 64), (2, 3, 64), (5, 9, 64)]:  # decode (kernel) .. prefill (oneDNN)
+            x = torch.randn(shape)
+            assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5), shape
+        with cpu_kernels.disabled():
+            x = torch.randn(2, 3, 64)
+            assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
     # With autograd on (training, tests of gradients) F.linear is used and gradients flow.
     y = lin(torch.randn(1, 64, requires_grad=True)).sum()
     y.backward()
     assert lin.weight.grad is not None
+
+
+def test_onednn_gemm_matches_linear() -> None:
+    op = cpu_kernels.onednn_linear()
+    if op is None:
+        pytest.skip("this torch build has no working oneDNN linear: F.linear serves every fp32 GEMM")
+    gen = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(3, 40, 300, generator=gen), torch.randn(70, 300, generator=gen), torch.randn(70, generator=gen)
+    with torch.inference_mode():
+        assert torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
 def test_fused_projections_share_storage_with_named_parameters(kernel: Any, checkpoints: dict[str, Any]) -> None:
