@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_wheel_maps_operator_and_runtime_under_largemodel(tmp_path: Path) -> None:
-    """The wheel holds largemodel/{operator,runtime}, the .proto, and imports from a plain site dir."""
+    """The wheel holds largemodel/{operator,runtime}, the .proto and the kernel source, and imports from a plain site dir."""
     env = {**os.environ, "PYTHONSAFEPATH": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
@@ -21,7 +21,8 @@ def test_wheel_maps_operator_and_runtime_under_largemodel(tmp_path: Path) -> Non
     (wheel,) = tmp_path.glob("largemodel-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("largemodel/__init__.py", "largemodel/envcontract.py", "largemodel/operator/api.py",
-                     "largemodel/operator/cli.py", "largemodel/runtime/engine.py", "largemodel/runtime/largemodel.proto"):
+                     "largemodel/operator/cli.py", "largemodel/runtime/engine.py", "largemodel/runtime/largemodel.proto",
+                     "largemodel/runtime/small_linear.cpp"):
         assert expected in names, expected
     assert not any(n.startswith(("operator/", "runtime/", "tests/")) for n in names), "stray top-level packages"
 
