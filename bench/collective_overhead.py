@@ -78,6 +78,7 @@ def rank_main(spec_path: Path) -> int:
     """One rank of the tp=2 world: build a random stage, rank 0 times decode steps."""
     import torch
 
+    from largemodel.runtime import cpu_kernels
     from largemodel.runtime.engine import Engine, SeqInput, worker_loop
     from largemodel.runtime.model import CausalLM, ModelConfig
     from largemodel.runtime.parallel import ParallelContext, apply_tensor_parallel, init_distributed
@@ -95,6 +96,8 @@ def rank_main(spec_path: Path) -> int:
         model = CausalLM(config, range(config.num_hidden_layers))
     apply_tensor_parallel(model, ctx)
     model = model.to_empty(device="cpu").eval()
+    model.fuse_projections()  # as build_stage does, with the CPU kernels it loads
+    cpu_kernels.load()
     torch.manual_seed(rank)
     with torch.no_grad():
         for param in model.parameters():
