@@ -49,9 +49,14 @@ _onednn: Any = None  # torch.ops.mkldnn._linear_pointwise: oneDNN's fp32 GEMM, 1
 _tried = False
 
 
+def switched_off() -> bool:
+    """LARGEMODEL_CPU_KERNELS=0 (or false/off/no): F.linear and torch's own ops everywhere."""
+    return os.environ.get("LARGEMODEL_CPU_KERNELS", "1").lower() in ("0", "false", "off", "no")
+
+
 def unavailable_reason() -> str | None:
     """Why the kernel cannot run on this machine/config, or None when it can."""
-    if os.environ.get("LARGEMODEL_CPU_KERNELS", "1").lower() in ("0", "false", "off", "no"):
+    if switched_off():
         return "disabled by LARGEMODEL_CPU_KERNELS"
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"not x86-64 ({platform.machine()})"
@@ -137,7 +142,7 @@ def onednn_linear() -> Any:
     measured 1.1-2.3x MKL's (F.linear) on this project's AMD Zen 4 machines, where MKL does not use
     its AVX-512 paths; in bf16 F.linear already goes to oneDNN.
     """
-    if os.environ.get("LARGEMODEL_CPU_KERNELS", "1").lower() in ("0", "false", "off", "no"):
+    if switched_off():
         return None
     try:
         if not torch.backends.mkldnn.is_available():
