@@ -20,7 +20,15 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from largemodel.runtime.cpu_kernels import Linear, linear, rms_norm
+from largemodel.runtime.cpu_kernels import (
+    Linear,
+    add_rms_norm,
+    decode_attention,
+    decode_attention_ready,
+    linear,
+    rms_norm,
+    silu_mul,
+)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -257,6 +265,12 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, layout: BatchLayout) -> Tensor:
         assert self.k_cache is not None and self.v_cache is not None, "setup_cache() first"
         batch, width, _ = x.shape
+        if self.qkv is not None and width == 1 and layout.valid is None and decode_attention_ready(x):
+            # One decode token per row: RoPE, cache write and attention in one CPU kernel call.
+            out = decode_attention(linear(x, self.qkv[0], self.qkv[1]).view(batch, -1), layout.cos, layout.sin,
+                                   self.k_cache, self.v_cache, layout.write_slot, layout.write_pos, self.n_heads,
+                                   self.n_kv_heads, self.head_dim**-0.5)
+            return self.o_proj(out.view(batch, 1, -1))
         if self.qkv is not None:
             qkv = linear(x, self.qkv[0], self.qkv[1]).unflatten(-1, (-1, self.head_dim))
             # q and k heads are adjacent in the fused output: one RoPE over both.
@@ -301,11 +315,9 @@ class MLP(nn.Module):
         self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gate_up is not None:
-            gate, up = linear(x, self.gate_up[0], self.gate_up[1]).split(self.gate_up[2], dim=-1)
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        if self.gate_up is not None:  # gate and up are equal halves of one output
+            return self.down_proj(silu_mul(linear(x, self.gate_up[0], self.gate_up[1])))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -319,8 +331,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, layout: BatchLayout) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), layout)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        norm = self.post_attention_layernorm
+        h, normed = add_rms_norm(x, self.self_attn(self.input_layernorm(x), layout), norm.weight, norm.eps)
+        return h + self.mlp(normed)
 
 
 class Decoder(nn.Module):

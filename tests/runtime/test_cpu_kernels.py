@@ -1,7 +1,8 @@
-"""The CPU decode kernel (largemodel::small_linear) and the fused projections it streams.
+"""The CPU decode kernels (torch.ops.largemodel.*) and the fused projections they stream.
 
-The kernel must compute what F.linear computes (fp32 to rounding, bf16 to one bf16 rounding of
-the output), for every shape a decode step produces, and the engine must run with or without it.
+small_linear must compute what F.linear computes (fp32 to rounding, bf16 to one bf16 rounding of
+the output) for every shape a decode step produces; the norm, SwiGLU and decode-attention kernels
+must compute what the model's tensor-op path computes; the engine must run with or without them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from largemodel.runtime import cpu_kernels
+from largemodel.runtime import model as model_module
+from largemodel.runtime.model import Attention, ModelConfig, make_layout, rope_inv_freq
 from largemodel.runtime.parallel import ParallelContext
 from largemodel.runtime.weights import build_stage
 
@@ -25,7 +28,7 @@ from largemodel.runtime.weights import build_stage
 def kernel() -> Any:
     reason = cpu_kernels.unavailable_reason()
     if reason is not None:
-        pytest.skip(f"small_linear cannot run on this machine: {reason} (the engine uses F.linear here)")
+        pytest.skip(f"the CPU kernels cannot run on this machine: {reason} (the engine uses torch ops here)")
     assert cpu_kernels.load(), "the kernel should build and load on a machine that supports it"
     return torch.ops.largemodel.small_linear
 
@@ -69,6 +72,114 @@ def test_rms_norm_matches_transformers(kernel: Any, dtype: torch.dtype, shape: t
     # fp32: summation order only; bf16: the same two roundings, so at most one bf16 step apart.
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
     assert torch.allclose(got.float(), want.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 64), (4, 1, 1024), (2, 3, 100)])
+def test_add_rms_norm_is_the_add_then_the_norm(kernel: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(shape[-1] + 1)
+    x, delta = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+    weight = torch.randn(shape[-1], generator=gen).to(dtype)
+    with torch.inference_mode():
+        h, normed = cpu_kernels.add_rms_norm(x, delta, weight, 1e-6)
+        with cpu_kernels.disabled():
+            ref_h, ref_normed = cpu_kernels.add_rms_norm(x, delta, weight, 1e-6)
+        assert torch.equal(h, x + delta) and torch.equal(h, ref_h)
+        assert torch.equal(normed, cpu_kernels.rms_norm(h, weight, 1e-6))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-3)
+    assert torch.allclose(normed.float(), ref_normed.float(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 2 * 2816), (3, 2, 2 * 7), (5, 2 * 4096)])
+def test_silu_mul_matches_torch(kernel: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    gen = torch.Generator().manual_seed(shape[-1])
+    gate_up = (4 * torch.randn(shape, generator=gen)).to(dtype)
+    with torch.inference_mode():
+        got = cpu_kernels.silu_mul(gate_up)
+        with cpu_kernels.disabled():
+            want = cpu_kernels.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.equal(want, F.silu(gate) * up)
+    assert got.dtype == dtype and got.shape == want.shape
+    # exp's last bit may differ from torch's vectorized one; bf16 then rounds the same way or one step off.
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=2**-7, atol=0.0)
+    assert torch.allclose(got.float(), want.float(), **tol)
+
+
+def _attention(heads: int, kv_heads: int, head_dim: int, bias: bool, dtype: torch.dtype) -> Attention:
+    """A fused Attention layer as build_stage makes one: allocated in its dtype, fused, then filled."""
+    attn = Attention(attn_config(heads, kv_heads, head_dim).model_copy(update={"attention_bias": bias})).to(dtype)
+    attn.fuse()
+    gen = torch.Generator().manual_seed(heads * 100 + kv_heads * 10 + head_dim)
+    with torch.no_grad():
+        for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * lin.in_features**-0.5)
+            if lin.bias is not None:
+                lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen))
+    return attn
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("heads", "kv_heads", "head_dim", "bias"),
+                         [(8, 2, 64, False), (4, 1, 24, True), (3, 3, 16, False), (16, 4, 128, False)])
+def test_decode_attention_matches_the_tensor_op_path(kernel: Any, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
+                                                     heads: int, kv_heads: int, head_dim: int, bias: bool) -> None:
+    """Prefill four prompts of different lengths into scattered cache slots, then run decode steps of one
+    to four rows with the kernel and with the model's tensor-op attention (same projections): outputs
+    agree and the caches are bit-identical."""
+    attn = _attention(heads, kv_heads, head_dim, bias, dtype)
+    max_len = 160
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(attn_config(heads, kv_heads,
+                                                                                             head_dim)))
+    cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
+    slots, lengths = torch.tensor([5, 0, 3, 6]), torch.tensor([1, 40, 130, 7])
+    prompt = torch.randn(4, int(lengths.max()), heads * head_dim, generator=torch.Generator().manual_seed(1))
+    runs = {}
+    with torch.inference_mode():
+        for use_kernel in (False, True):
+            attn.setup_cache(8, max_len, dtype, torch.device("cpu"))
+            with cpu_kernels.disabled():  # the same prefill for both
+                attn(prompt.to(dtype), make_layout(cos, sin, slots, torch.zeros(4, dtype=torch.long), lengths, dtype))
+            position, outs = lengths.clone(), []
+            for step, rows in enumerate(([2], [0, 3, 1], [1, 2, 0, 3], [3], [0, 1])):
+                pick = torch.tensor(rows)
+                layout = make_layout(cos, sin, slots[pick], position[pick], torch.ones(len(rows), dtype=torch.long),
+                                     dtype)
+                token = torch.randn(len(rows), 1, heads * head_dim, generator=torch.Generator().manual_seed(step))
+                with monkeypatch.context() as patch:
+                    if not use_kernel:
+                        patch.setattr(model_module, "decode_attention_ready", lambda x: False)
+                    outs.append(attn(token.to(dtype), layout))
+                position[pick] += 1
+            runs[use_kernel] = (attn.k_cache.clone(), attn.v_cache.clone(), outs)
+    # fp32: summation order only; bf16: torch's roundings, then at most a bf16 step or two apart.
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-6, atol=2e-2)
+    ref, got = runs[False], runs[True]
+    for want, have in zip(ref[2], got[2], strict=True):
+        assert have.dtype == dtype and have.shape == want.shape
+        assert torch.allclose(have.float(), want.float(), **tol), (have.float() - want.float()).abs().max()
+    assert torch.equal(ref[0], got[0]) and torch.equal(ref[1], got[1])  # RoPE'd keys and values: bit-exact
+
+
+def attn_config(heads: int, kv_heads: int, head_dim: int) -> ModelConfig:
+    return ModelConfig(vocab_size=32, hidden_size=heads * head_dim, intermediate_size=8, num_hidden_layers=1,
+                       num_attention_heads=heads, num_key_value_heads=kv_heads, rope_theta=10000.0)
+
+
+def test_decode_attention_refuses_bad_inputs(kernel: Any) -> None:
+    """A bad call raises (the engine reports it) and writes nothing into the cache."""
+    k = torch.zeros(2, 1, 8, 16)
+    qkv, cos = torch.randn(2, 3 * 16), torch.ones(2, 16)
+    with pytest.raises(RuntimeError, match="appears twice"):
+        cpu_kernels.decode_attention(qkv, cos, cos, k, k.clone(), torch.tensor([1, 1]), torch.tensor([0, 1]), 1, 1, 1.0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu_kernels.decode_attention(qkv, cos, cos, k, k.clone(), torch.tensor([0, 1]), torch.tensor([0, 8]), 1, 1, 1.0)
+    k2 = torch.zeros(2, 2, 8, 16)
+    with pytest.raises(RuntimeError, match="cannot share"):
+        cpu_kernels.decode_attention(torch.randn(2, 7 * 16), cos, cos, k2, k2.clone(), torch.tensor([0, 1]),
+                                     torch.tensor([0, 1]), 3, 2, 1.0)
+    assert not k.any() and not k2.any()
 
 
 def test_dispatch_shapes_and_fallbacks(kernel: Any) -> None:
@@ -119,7 +230,7 @@ def _run_module(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 def test_disabled_kernel_falls_back_with_a_logged_reason() -> None:
     done = _run_module({"LARGEMODEL_CPU_KERNELS": "0"})
     assert done.returncode == 0
-    assert "unavailable (F.linear is used)" in done.stdout
+    assert "unavailable (torch ops are used)" in done.stdout
     assert "event=kernel_unavailable" in done.stderr and "LARGEMODEL_CPU_KERNELS" in done.stderr
 
 
