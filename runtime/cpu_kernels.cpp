@@ -29,17 +29,27 @@ namespace {
 // independent accumulators per activation row over the reduction dimension. More than 4 activation
 // rows are taken 4 at a time against the same weight row, which is then in L1: the weights still
 // stream from memory once per call.
+// The four cache lines 4 KiB ahead of the weight stream, into L2: on top of the hardware prefetcher
+// this read the model's matrices 5-9% faster (paired runs, 2-16 KiB and L1/L2 hints tried). Past the
+// matrix's end it touches nothing: prefetches never fault.
+inline void prefetch_ahead(const void* at) {
+  const char* p = static_cast<const char*>(at) + 4096;
+  for (int line = 0; line < 4; ++line) _mm_prefetch(p + 64 * line, _MM_HINT_T1);
+}
+
 template <int B>
 void dot_f32(const float* x, int64_t in, const float* wr, float* y, int64_t out) {
   __m512 acc[B][4];
   for (int b = 0; b < B; ++b)
     for (int u = 0; u < 4; ++u) acc[b][u] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 64 <= in; k += 64)
+  for (; k + 64 <= in; k += 64) {
+    prefetch_ahead(wr + k);
     for (int u = 0; u < 4; ++u) {
       const __m512 wv = _mm512_loadu_ps(wr + k + 16 * u);
       for (int b = 0; b < B; ++b) acc[b][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * in + k + 16 * u), acc[b][u]);
     }
+  }
   for (; k < in; k += 16) {  // tail: masked loads read zeros past the row's end
     const __mmask16 m = in - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (in - k)) - 1);
     const __m512 wv = _mm512_maskz_loadu_ps(m, wr + k);
@@ -56,12 +66,14 @@ void dot_bf16(const uint16_t* x, int64_t in, const uint16_t* wr, float* y, int64
   for (int b = 0; b < B; ++b)
     for (int u = 0; u < 4; ++u) acc[b][u] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 128 <= in; k += 128)
+  for (; k + 128 <= in; k += 128) {
+    prefetch_ahead(wr + k);
     for (int u = 0; u < 4; ++u) {
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k + 32 * u);
       for (int b = 0; b < B; ++b)
         acc[b][u] = _mm512_dpbf16_ps(acc[b][u], wv, (__m512bh)_mm512_loadu_si512(x + b * in + k + 32 * u));
     }
+  }
   for (; k < in; k += 32) {  // tail: masked loads read zeros past the row's end
     const __mmask32 m = in - k >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (in - k)) - 1);
     const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, wr + k);
