@@ -3,7 +3,8 @@
 Rules, in the order they are checked:
 - TP never crosses a node: tp <= gpu.perNode.
 - TP must divide the model: numAttentionHeads % tp == 0 and numKeyValueHeads % tp == 0.
-- pp <= numHiddenLayers, layers split by `largemodel.partition.split_layers` (as the runtime does).
+- pp <= numHiddenLayers, layers split by `largemodel.partition.split_layers` with the LM head weighed
+  on the last stage (as the runtime does).
 - Memory per GPU: weights of the largest stage / tp (= M/(tp*pp) for an even split) + KV cache for
   maxBatchSize x maxModelLen over that stage's layers with KV heads sharded by tp + OVERHEAD_GIB
   must be <= gpu.memoryGiB * MEMORY_UTILIZATION.
@@ -18,7 +19,7 @@ from urllib.parse import urlparse
 
 from largemodel.operator import api
 from largemodel.operator.modelconfig import ModelConfigError, inspect_model
-from largemodel.partition import split_layers
+from largemodel.partition import lm_head_layers, split_layers
 
 # Share of gpu.memoryGiB the engine may plan to use; the rest absorbs allocator fragmentation.
 MEMORY_UTILIZATION = 0.90
@@ -119,10 +120,17 @@ def _check_model_uri(uri: str) -> None:
         raise PlanError(f"model.uri scheme {scheme}:// is not supported yet ({uri}); use {supported}")
 
 
+def stage_split(arch: api.Architecture, pp: int) -> list[int]:
+    """Layers per pipeline stage: the runtime's split (the LM head weighed on the last stage)."""
+    head = lm_head_layers(arch.hidden_size, arch.intermediate_size, arch.vocab_size, arch.num_attention_heads,
+                          arch.num_key_value_heads, arch.kv_head_dim)
+    return split_layers(arch.num_hidden_layers, pp, head)
+
+
 def _memory(spec: api.LargeModelSpec, arch: api.Architecture, tp: int, pp: int) -> tuple[float, float]:
     """(weight GiB, KV-cache GiB) on the GPUs of the largest stage."""
     dtype_bytes = api.DTYPE_BYTES[spec.model.dtype]
-    stage_layers = max(split_layers(arch.num_hidden_layers, pp))
+    stage_layers = max(stage_split(arch, pp))
     share = stage_layers / arch.num_hidden_layers
     weights = arch.parameters * dtype_bytes * share / tp / GIB
     # K and V, per token per layer, with the KV heads this rank holds.
@@ -258,7 +266,7 @@ def plan_parallelism(spec: api.LargeModelSpec, arch: api.Architecture | None = N
         pp=pp,
         micro_batches=spec.parallelism.micro_batches,
         replicas=spec.replicas,
-        layers_per_stage=tuple(split_layers(arch.num_hidden_layers, pp)),
+        layers_per_stage=tuple(stage_split(arch, pp)),
         weight_gib_per_gpu=weights,
         kv_cache_gib_per_gpu=kv,
         usable_gib_per_gpu=usable_gib(spec),

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
+from largemodel.partition import lm_head_layers
 from largemodel.runtime.cpu_kernels import (
     Linear,
     add_rms_norm,
@@ -72,6 +73,12 @@ class ModelConfig(BaseModel):
     def head_size(self) -> int:
         """Per-head width; explicit `head_dim` wins over hidden_size / heads as in transformers."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def head_layers(self) -> float:
+        """The LM head's weight in decoder layers: what the pipeline split adds to the last stage."""
+        return lm_head_layers(self.hidden_size, self.intermediate_size, self.vocab_size, self.num_attention_heads,
+                              self.kv_heads, self.head_size)
 
     @property
     def qkv_bias(self) -> bool:

@@ -79,7 +79,7 @@ def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
     config = load_config(model_dir)
     if ctx.pp > config.num_hidden_layers:
         raise ModelConfigError(f"pp={ctx.pp} exceeds num_hidden_layers={config.num_hidden_layers}")
-    layers = stage_layer_range(config.num_hidden_layers, ctx.pp, ctx.pp_rank)
+    layers = stage_layer_range(config.num_hidden_layers, ctx.pp, ctx.pp_rank, config.head_layers)
     with torch.device("meta"):
         model = CausalLM(config, layers, first=ctx.pp_rank == 0, last=ctx.pp_rank == ctx.pp - 1)
     shards = apply_tensor_parallel(model, ctx)

@@ -40,8 +40,8 @@ else
   echo "[setup] largemodel[runtime]"
   "${pip[@]}" -e '.[runtime]'
 fi
-# The CPU decode kernel (runtime/small_linear.cpp): built once here so no rank pays the compile; where
-# it cannot be built the line says why and the engine uses F.linear.
-echo "[setup] CPU decode kernel"
+# The CPU decode kernels (runtime/cpu_kernels.cpp): built once here so no rank pays the compile; where
+# they cannot be built the line says why and the engine uses torch ops.
+echo "[setup] CPU decode kernels"
 .venv/bin/python -m largemodel.runtime.cpu_kernels 2>&1 | tail -n 1
 echo "[setup] done"

@@ -22,7 +22,7 @@ def test_wheel_maps_operator_and_runtime_under_largemodel(tmp_path: Path) -> Non
     names = set(zipfile.ZipFile(wheel).namelist())
     for expected in ("largemodel/__init__.py", "largemodel/envcontract.py", "largemodel/operator/api.py",
                      "largemodel/operator/cli.py", "largemodel/runtime/engine.py", "largemodel/runtime/largemodel.proto",
-                     "largemodel/runtime/small_linear.cpp"):
+                     "largemodel/runtime/cpu_kernels.cpp"):
         assert expected in names, expected
     assert not any(n.startswith(("operator/", "runtime/", "tests/")) for n in names), "stray top-level packages"
 
