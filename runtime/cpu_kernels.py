@@ -128,7 +128,7 @@ def load() -> bool:
             _ops = torch.ops.largemodel
             log.info("event=kernel_loaded kernel=cpu_kernels path=%s", path)
             return True
-        except Exception as err:  # noqa: BLE001 - any failure only means the slower F.linear path
+        except Exception as err:  # noqa: BLE001 - any failure only means the slower torch-op path
             reason = f"{type(err).__name__}: {err}"
     log.warning("event=kernel_unavailable kernel=cpu_kernels reason=%r fallback=torch", reason)
     return False
@@ -157,7 +157,7 @@ def onednn_linear() -> Any:
 
 @contextmanager
 def disabled() -> Iterator[None]:
-    """Route every call to F.linear inside the block (benchmarks compare the two paths in one run)."""
+    """Route every call to torch's own ops (F.linear, ...) inside the block (benchmarks compare both in one run)."""
     global _ops, _onednn
     saved, _ops, _onednn = (_ops, _onednn), None, None
     try:
