@@ -12,10 +12,11 @@ machine under the same load:
 3. batch-1 decode tokens/s: transformers `generate` vs the native Engine (tp=1, pp=1) on that checkpoint,
    checking both produce the same greedy tokens, and the Engine's fraction of the roofline
    (bytes a decode step must read: every weight but the embedding table, plus the KV cache);
-   on CPU also the same Engine with its decode kernel switched off (every matmul on F.linear), and
+   on CPU also the same Engine with its CPU kernels switched off (F.linear and torch's ops), and
    the whole comparison again with both sides in bfloat16;
 4. batched decode tokens/s at batch 1, 4 and 16;
-5. PP=2 (two rank processes, gloo on 127.0.0.1, one thread each): decode throughput of 16
+5. PP=2 (two rank processes, gloo on 127.0.0.1, one thread each, layers split as the planner splits
+   them: 9/7 for preset cpu, its LM head weighing 2.9 layers on the last stage): decode throughput of 16
    sequences with 1 micro-batch vs 4 micro-batches per step(), and with 4 groups kept in flight
    across steps through submit()/result().
 
