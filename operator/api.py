@@ -12,6 +12,8 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from largemodel import modelfacts
+
 GROUP = "serving.largemodel.io"
 VERSION = "v1alpha1"
 API_VERSION: Final = "serving.largemodel.io/v1alpha1"
@@ -48,7 +50,10 @@ class Architecture(_Spec):
     hidden_size: int = Field(alias="hiddenSize", ge=1)
     intermediate_size: int = Field(alias="intermediateSize", ge=1)
     vocab_size: int = Field(alias="vocabSize", ge=1)
-    parameters: float = Field(ge=1, description="Total parameter count (tied embeddings counted once).")
+    parameters: float | None = Field(
+        default=None, ge=1,
+        description="Total parameter count (tied embeddings counted once); when absent, computed from the "
+                    "shapes as `largemodel inspect` does (no biases) and reported in status.plan.")
     head_dim: int | None = Field(default=None, alias="headDim", ge=1)
     tie_word_embeddings: bool = Field(default=False, alias="tieWordEmbeddings")
 
@@ -74,6 +79,16 @@ class Architecture(_Spec):
     def kv_head_dim(self) -> int:
         """Dimension of one attention head."""
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def parameter_total(self) -> float:
+        """`parameters` when given, else the count computed from the shapes (a Llama decoder without biases)."""
+        if self.parameters is not None:
+            return self.parameters
+        return float(modelfacts.parameter_count(
+            hidden=self.hidden_size, intermediate=self.intermediate_size, layers=self.num_hidden_layers,
+            heads=self.num_attention_heads, kv_heads=self.num_key_value_heads, head_dim=self.kv_head_dim,
+            vocab=self.vocab_size, tied=self.tie_word_embeddings))
 
 
 class ModelSource(_Spec):
@@ -252,6 +267,10 @@ class PlanStatus(BaseModel):
     weight_gib_per_gpu: float = Field(alias="weightGiBPerGPU")
     kv_cache_gib_per_gpu: float = Field(default=0.0, alias="kvCacheGiBPerGPU")
     bubble: float
+    parameters: float | None = Field(default=None, description="The parameter count the memory plan used.")
+    parameters_source: str | None = Field(
+        default=None, alias="parametersSource",
+        description="spec: spec.model.architecture.parameters; shapes: computed from the architecture's shapes.")
     warnings: list[str] = Field(default_factory=list)
     rejected: list[RejectedLayout] = Field(default_factory=list)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from largemodel import modelfacts
 from largemodel.operator.api import Architecture
 
 # model_type -> the family name users know; SmolLM ships as model_type "llama".
@@ -85,22 +86,12 @@ def _check_supported(raw: dict[str, Any], file: Path) -> None:
 def parameter_count(cfg: HFConfig) -> int:
     """Parameters computed from the tensor shapes; tied embeddings are counted once."""
     heads = cfg.num_attention_heads
-    kv_heads = cfg.num_key_value_heads or heads
-    head_dim = cfg.head_dim or cfg.hidden_size // heads
-    hidden, inter = cfg.hidden_size, cfg.intermediate_size
-    q_out, kv_out = heads * head_dim, kv_heads * head_dim
-    attention = hidden * q_out + 2 * hidden * kv_out + q_out * hidden
     # Qwen2 always has q/k/v biases (o has none); attention_bias adds q/k/v and o biases.
-    if cfg.attention_bias:
-        attention += q_out + 2 * kv_out + hidden
-    elif cfg.model_type == "qwen2":
-        attention += q_out + 2 * kv_out
-    mlp = 3 * hidden * inter + (2 * inter + hidden if cfg.mlp_bias else 0)
-    norms = 2 * hidden
-    per_layer = attention + mlp + norms
-    embedding = cfg.vocab_size * hidden
-    lm_head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * hidden
-    return embedding + cfg.num_hidden_layers * per_layer + hidden + lm_head
+    return modelfacts.parameter_count(
+        hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, layers=cfg.num_hidden_layers, heads=heads,
+        kv_heads=cfg.num_key_value_heads or heads, head_dim=cfg.head_dim or cfg.hidden_size // heads,
+        vocab=cfg.vocab_size, tied=cfg.tie_word_embeddings, qkv_bias=cfg.attention_bias or cfg.model_type == "qwen2",
+        o_bias=cfg.attention_bias, mlp_bias=cfg.mlp_bias)
 
 
 def architecture_from_config(cfg: HFConfig) -> Architecture:

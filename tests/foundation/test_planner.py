@@ -212,3 +212,32 @@ def test_file_uri_without_config_json_is_a_plan_error(tmp_path: Path) -> None:
 def test_s3_uri_passes_the_schema_but_not_the_planner() -> None:
     with pytest.raises(PlanError, match=r"scheme s3:// is not supported yet .*use pvc://, file://, hf://"):
         plan_parallelism(spec(model={"uri": "s3://bucket/m", "architecture": LLAMA3_70B}))
+
+
+def test_parameters_absent_are_computed_from_the_shapes_as_inspect_does() -> None:
+    """No `parameters`: the planner counts them from the shapes (what `largemodel inspect` prints for a
+    bias-free Llama config) and status.plan says which count it used and where it came from."""
+    from largemodel.operator.modelconfig import HFConfig, parameter_count
+
+    shapes = {k: v for k, v in LLAMA3_70B.items() if k != "parameters"}
+    computed = plan_parallelism(spec(shapes, parallelism={"tensor": 8, "pipeline": 1}))
+    given = plan_parallelism(spec(LLAMA3_70B, parallelism={"tensor": 8, "pipeline": 1}))
+    cfg = HFConfig(num_attention_heads=shapes["numAttentionHeads"], num_key_value_heads=shapes["numKeyValueHeads"],
+                   num_hidden_layers=shapes["numHiddenLayers"], hidden_size=shapes["hiddenSize"],
+                   intermediate_size=shapes["intermediateSize"], vocab_size=shapes["vocabSize"],
+                   tie_word_embeddings=bool(shapes.get("tieWordEmbeddings", False)))
+    assert computed.parameters == parameter_count(cfg)
+    assert computed.parameters == pytest.approx(LLAMA3_70B["parameters"], rel=1e-3)
+    assert computed.weight_gib_per_gpu == pytest.approx(given.weight_gib_per_gpu, rel=1e-3)
+    status = computed.to_status().model_dump(by_alias=True)
+    assert (status["parameters"], status["parametersSource"]) == (parameter_count(cfg), "shapes")
+    assert given.to_status().model_dump(by_alias=True)["parametersSource"] == "spec"
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_examples_plan_without_warnings(example: Path) -> None:
+    import yaml
+
+    lm = api.LargeModel.model_validate(yaml.safe_load(example.read_text()))
+    assert plan_parallelism(lm.spec).warnings == ()
