@@ -55,6 +55,9 @@ def child_environ(env: RankEnv, local_rank: int, metrics_dir: Path) -> dict[str,
     # through fewer TLB entries measured +5-10% decode bandwidth (docs/PERFORMANCE.md, "Engine").
     child.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     child[MULTIPROC_ENV] = str(metrics_dir)
+    if envcontract.rank_bind_host(child).startswith("127.") and not child.get("GLOO_SOCKET_IFNAME"):
+        # gloo's p2p listeners bind the address of this interface: on loopback, nothing else can reach them.
+        child["GLOO_SOCKET_IFNAME"] = "lo"
     return child
 
 
@@ -122,6 +125,7 @@ def run_pod(environ: dict[str, str]) -> int:
 
     try:
         env = RankEnv.from_environ(environ)
+        secret = envcontract.group_secret(environ)
         envcontract.int_variable(environ, envcontract.METRICS_PORT, envcontract.DEFAULT_METRICS_PORT, 0)
         envcontract.int_variable(environ, envcontract.MAX_BATCH_SIZE, 8, 1)
         envcontract.int_variable(environ, envcontract.MAX_MODEL_LEN, 2048, 1)
@@ -133,7 +137,7 @@ def run_pod(environ: dict[str, str]) -> int:
     metrics_dir.mkdir(parents=True)
     log.info("event=pod_start node_rank=%d nnodes=%d tp=%d pp=%d engine=%s model_uri=%s metrics_dir=%s",
              env.node_rank, env.nnodes, env.tp, env.pp, env.engine, env.model_uri, metrics_dir)
-    link = LivenessLink.open(env) if env.nnodes > 1 else None
+    link = LivenessLink.open(env, secret, envcontract.rank_bind_host(environ)) if env.nnodes > 1 else None
     procs = [subprocess.Popen([sys.executable, "-m", "largemodel.runtime.launch", "--local-rank", str(i)],
                               env=child_environ(env, i, metrics_dir)) for i in range(env.nproc_per_node)]
     try:

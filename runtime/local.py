@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -105,7 +106,9 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     nodes: list[subprocess.Popen[bytes]] = []
     try:
-        nodes = [_start_node(group, stage, args.grace) for stage in range(plan.pp)]
+        # The stages of this group authenticate each other with it (rank ports bind loopback anyway).
+        secret = secrets.token_hex(32)
+        nodes = [_start_node(group, stage, args.grace, secret) for stage in range(plan.pp)]
         base = f"http://{LOCALHOST}:{http_port}"
         wait_ready(f"{base}/readyz", nodes, args.ready_timeout)
         log.info("run.ready http=%s/v1 grpc=%s:%d model=%s", base, LOCALHOST, grpc_port, lm.metadata.name)
@@ -164,7 +167,8 @@ def _prepare(path: str) -> tuple[Any, Any, Path]:
     return lm, plan, model_dir
 
 
-def _start_node(group: envcontract.RankGroupEnv, stage: int, grace_s: float) -> subprocess.Popen[bytes]:
+def _start_node(group: envcontract.RankGroupEnv, stage: int, grace_s: float,
+                secret: str = "") -> subprocess.Popen[bytes]:
     """Start stage `stage` as its own process group, as one pod would run."""
     env = dict(os.environ)
     env.update(group.node_env(stage))
@@ -172,6 +176,8 @@ def _start_node(group: envcontract.RankGroupEnv, stage: int, grace_s: float) -> 
     # metrics are on the HTTP port's /metrics too).
     env[envcontract.METRICS_PORT] = str(free_port())
     env[BIND_HOST_ENV] = LOCALHOST
+    if secret:
+        env[envcontract.GROUP_SECRET] = secret
     env[DRAIN_GRACE_ENV] = str(grace_s)
     env["PYTHONSAFEPATH"] = "1"
     # Ranks share this machine's cores: one thread each unless the user said otherwise.

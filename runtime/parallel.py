@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -167,9 +168,34 @@ class ParallelContext:
         return tensor
 
 
+def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: int, timeout: timedelta,
+                     bind_host: str = "") -> dist.TCPStore:
+    """The group's TCPStore; rank 0 serves it on `bind_host` only ("" = every interface).
+
+    torch's TCPStore server listens on every interface unless handed a socket already bound:
+    global rank 0 binds one to the rank address (pod IP, or loopback for `largemodel run`).
+    """
+    if rank != 0:
+        return dist.TCPStore(master_addr, master_port, world_size, False, timeout)
+    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((bind_host, master_port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    # The store owns the descriptor from here on (detach: Python must not close it).
+    return dist.TCPStore(master_addr, master_port, world_size, True, timeout, master_listen_fd=sock.detach())
+
+
 def init_distributed(rank: int, world_size: int, tp: int, pp: int, master_addr: str, master_port: int,
-                     timeout_s: float | None = None) -> ParallelContext:
-    """Join the default group (nccl on GPU, gloo on CPU) and create the TP and PP subgroups."""
+                     timeout_s: float | None = None, bind_host: str | None = None) -> ParallelContext:
+    """Join the default group (nccl on GPU, gloo on CPU) and create the TP and PP subgroups.
+
+    `bind_host` (not None): rank 0 serves the rendezvous store on that address only.
+    """
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
     timeout = timedelta(seconds=timeout_s or float(os.environ.get(PG_TIMEOUT_ENV, DEFAULT_PG_TIMEOUT_S)))
@@ -177,8 +203,12 @@ def init_distributed(rank: int, world_size: int, tp: int, pp: int, master_addr: 
     if cuda:
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                            world_size=world_size, timeout=timeout)
+    if bind_host is None:
+        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                                world_size=world_size, timeout=timeout)
+    else:
+        store = rendezvous_store(rank, world_size, master_addr, master_port, timeout, bind_host)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     ctx = ParallelContext(tp=tp, pp=pp, tp_rank=rank % tp, pp_rank=rank // tp, backend=backend, device=device)
     # Every rank must create every group, in the same order.
     for stage in range(pp):

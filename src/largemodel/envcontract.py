@@ -37,6 +37,13 @@ LWS_WORKER_INDEX = "LWS_WORKER_INDEX"
 # Set per process by the launcher, not by the operator.
 RANK = "RANK"
 LOCAL_RANK = "LOCAL_RANK"
+# Where rank-to-rank ports (rendezvous, liveness, p2p) listen, and the group's shared secret.
+POD_IP = "POD_IP"  # the operator sets it from status.podIP; rank ports bind it
+BIND_HOST = "BIND_HOST"  # API and metrics ports bind it (default 0.0.0.0; `largemodel run`: 127.0.0.1)
+GROUP_SECRET_FILE = "GROUP_SECRET_FILE"  # the operator mounts the group Secret and names the file here
+GROUP_SECRET = "GROUP_SECRET"  # the secret itself (`largemodel run` only: never in a pod spec)
+GROUP_SECRET_MOUNT = "/var/run/largemodel/group"
+GROUP_SECRET_KEY = "secret"
 
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_METRICS_PORT = 9100
@@ -45,6 +52,43 @@ DEFAULT_METRICS_PORT = 9100
 def master_address(name: str, group: int, namespace: str) -> str:
     """DNS name of a group's stage-0 pod through the headless ranks Service."""
     return f"{name}-g{group}-0.{name}-ranks.{namespace}.svc"
+
+
+_ANY_ADDRESS = ("", "0.0.0.0", "::")
+
+
+def rank_bind_host(environ: Mapping[str, str]) -> str:
+    """Address the rank-to-rank listeners bind: POD_IP in a cluster, else BIND_HOST, else "" (all).
+
+    A pod's API and metrics ports bind every interface (kubelet probes and port-forward need
+    them), but nothing outside the group has business with rendezvous, liveness or p2p ports.
+    """
+    pod_ip = environ.get(POD_IP, "").strip()
+    if pod_ip:
+        return pod_ip
+    host = environ.get(BIND_HOST, "").strip()
+    return "" if host in _ANY_ADDRESS else host
+
+
+def group_secret(environ: Mapping[str, str]) -> bytes | None:
+    """The group's shared secret: the file GROUP_SECRET_FILE names, else GROUP_SECRET; None if neither.
+
+    EnvContractError when the file is named but unreadable or empty (a half-mounted Secret must
+    not silently turn authentication off).
+    """
+    path = environ.get(GROUP_SECRET_FILE, "").strip()
+    if path:
+        try:
+            with open(path, "rb") as handle:
+                value = handle.read().strip()
+        except OSError as err:
+            raise EnvContractError(f"environment variable {GROUP_SECRET_FILE}: cannot read the group secret "
+                                   f"({err.strerror})") from None
+        if not value:
+            raise EnvContractError(f"environment variable {GROUP_SECRET_FILE}: the group secret file is empty")
+        return value
+    text = environ.get(GROUP_SECRET, "").strip()
+    return text.encode() if text else None
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +18,29 @@ import pytest
 from pods import group_env, running_pods
 from rank_world import child_env
 from tiny_models import word
+
+
+def listening_addresses(pid: int) -> list[str]:
+    """Local addresses of the TCP sockets process `pid` listens on (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table, v6 in (("tcp", False), ("tcp6", True)):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
+                continue
+            raw = bytes.fromhex(cols[1].split(":")[0])
+            if v6:
+                packed = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                found.append(socket.inet_ntop(socket.AF_INET6, packed))
+            else:
+                found.append(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+    return found
 
 
 def _rank(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -39,7 +66,25 @@ def test_group_serves_then_stops_cleanly(checkpoints: dict[str, Any], tmp_path: 
     """tp=2 x pp=2 as two pods: a completion equals transformers' greedy tokens; SIGTERM exits 0 everywhere."""
     model = checkpoints["models"]["gqa"]
     prompt = checkpoints["prompts"][0]
-    with running_pods(group_env(Path(model["dir"]), tp=2, pp=2), tmp_path) as pods:
+    env = group_env(Path(model["dir"]), tp=2, pp=2, GROUP_SECRET="test-group-secret")
+    with running_pods(env, tmp_path) as pods:
+        # Issue 14, defect 1: strangers on the rank ports (a bare connect, junk, a forged answer)
+        # once stopped the group; now they are dropped and the group serves on.
+        master_port = int(env["MASTER_PORT"])
+        for port in (master_port + 1, master_port):
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            for junk in (b"junk\n", b"1 " + b"0" * 64 + b"\n", bytes(range(256))):
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(junk)
+        time.sleep(1.0)
+        assert all(p.poll() is None for p in pods.procs), pods.tail()
+        assert "event=liveness_stranger" in pods.logs[0].read_text()
+        # Every port of the group listens on the rank address (loopback here) only.
+        for pid in [p.pid for p in pods.procs] + [c for s in (0, 1) for c in pods.rank_pids(s)]:
+            for address in listening_addresses(pid):
+                ip = ipaddress.ip_address(address)
+                ip = getattr(ip, "ipv4_mapped", None) or ip
+                assert ip.is_loopback, f"pid {pid} listens on {address}"
         body = {"model": "tiny", "prompt": " ".join(map(word, prompt)), "max_tokens": 8, "temperature": 0}
         reply = httpx.post(f"{pods.http_url}/v1/completions", json=body, timeout=60)
         assert reply.status_code == 200, reply.text
