@@ -1,103 +1,202 @@
 // CPU decode kernels for the engine (loaded by runtime/cpu_kernels.py):
-//   small_linear      y = x @ w.T (+ bias) for the 1-4 activation rows of a decode step;
+//   small_linear      y = x @ w.T (+ bias) for the few activation rows of a decode step;
 //   rms_norm          transformers' LlamaRMSNorm in one pass; add_rms_norm: the residual add first;
 //   silu_mul          SwiGLU's silu(gate) * up over a fused gate/up output;
 //   decode_attention  RoPE, KV-cache write and GQA attention of one decode token per row.
 //
+// One source, compiled once per instruction-set level (cpu_kernels.py picks the best the CPU runs):
+//   -DLARGEMODEL_ISA_AVX512  -mavx512f -mavx512bw -mavx512vl -mfma  16 fp32 lanes per vector
+//   -DLARGEMODEL_ISA_AVX2    -mavx2 -mfma -mf16c                       8 lanes
+//   -DLARGEMODEL_ISA_NEON    aarch64's baseline Advanced SIMD          4 lanes
+//   -DLARGEMODEL_ISA_GENERIC no ISA flags (SSE2 on x86-64)             4 lanes, no fused multiply-add
+// The arithmetic is written once with GCC/Clang vector extensions (`vf` below: W fp32 lanes); the only
+// per-level code is the fused multiply-add (`vfma`), which the vector extensions cannot spell. Each level
+// registers its ops under its own namespace (torch.ops.largemodel_avx2, ...), so several levels can be
+// loaded into one process and tested against each other and against torch.
+//
 // A decode step multiplies a few activation rows by every weight matrix once: it is bound by how fast
-// the weights stream from memory, not by arithmetic. MKL's GEMV on AMD Zen streams fp32 weights at
-// about half the bus bandwidth; small_linear streams them with AVX-512 (bf16 rows through vdpbf16ps, two
-// bf16 products per lane, fp32 accumulation, the same arithmetic as oneDNN's bf16 matmul) and splits the
-// output rows over torch's intra-op threads. Once the matmuls run at bus speed, the twenty-odd small
-// tensor ops around them in each layer cost about a fifth of a step; the other kernels do their work in
-// four calls with torch's arithmetic (built with -ffp-contract=off, so a*b+c rounds twice as torch does).
+// the weights stream from memory, not by arithmetic. small_linear streams the weights with fp32 FMAs
+// (bf16 weights widened to fp32 by a 16-bit shift, which is exact, products exact in fp32, fp32
+// accumulation) and splits the output rows over torch's intra-op threads. Once the matmuls run at bus
+// speed, the twenty-odd small tensor ops around them in each layer cost about a fifth of a step; the
+// other kernels do their work in four calls with torch's arithmetic (built with -ffp-contract=off, so
+// a*b+c rounds twice as torch does; vfma is used only where torch's result is not bit-for-bit defined
+// anyway: dot products, exp's polynomial).
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#if defined(LARGEMODEL_ISA_AVX512)
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__FMA__)
+#error "LARGEMODEL_ISA_AVX512 needs -mavx512f -mavx512bw -mavx512vl -mfma"
+#endif
+#include <immintrin.h>
+constexpr int W = 16, REGS = 32;
+#elif defined(LARGEMODEL_ISA_AVX2)
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "LARGEMODEL_ISA_AVX2 needs -mavx2 -mfma"
+#endif
+#include <immintrin.h>
+constexpr int W = 8, REGS = 16;
+#elif defined(LARGEMODEL_ISA_NEON)
+#if !defined(__ARM_NEON) || !defined(__aarch64__)
+#error "LARGEMODEL_ISA_NEON is for aarch64"
+#endif
+#include <arm_neon.h>
+constexpr int W = 4, REGS = 32;
+#elif defined(LARGEMODEL_ISA_GENERIC)
+constexpr int W = 4, REGS = 16;
+#else
+#error "define one of LARGEMODEL_ISA_AVX512, _AVX2, _NEON, _GENERIC (cpu_kernels.py does)"
+#endif
+#ifndef LARGEMODEL_NS
+#error "define LARGEMODEL_NS, the torch.ops namespace of this level (cpu_kernels.py does)"
+#endif
+
 namespace {
 
+typedef float vf __attribute__((vector_size(4 * W)));
+typedef int32_t vi __attribute__((vector_size(4 * W)));
+typedef uint32_t vu __attribute__((vector_size(4 * W)));
+typedef uint16_t vh __attribute__((vector_size(2 * W)));
+
+// a * b + c with one rounding where the level has a fused multiply-add, two roundings otherwise.
+inline vf vfma(vf a, vf b, vf c) {
+#if defined(LARGEMODEL_ISA_AVX512)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(LARGEMODEL_ISA_AVX2)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#elif defined(LARGEMODEL_ISA_NEON)
+  return (vf)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b);
+#else
+  return a * b + c;
+#endif
+}
+
+inline vf splat(float v) { return vf{} + v; }
+inline vf loadv(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void storev(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+// bf16 -> fp32 is exact: the 16 bits become the high half of the fp32 word.
+inline vf widen(vh h) {
+  const vu u = __builtin_convertvector(h, vu) << 16;
+  return (vf)u;
+}
+inline vf loadv(const uint16_t* p) {
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return widen(h);
+}
+inline vf loadv(const at::BFloat16* p) { return loadv(reinterpret_cast<const uint16_t*>(p)); }
+// fp32 -> bf16 rounded to nearest even, NaN to the quiet 0x7FC0: at::BFloat16's conversion, W lanes at once.
+inline vh narrow(vf v) {
+  const vu u = (vu)v;
+  vu r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  r = v != v ? vu{} + 0x7FC0u : r;
+  return __builtin_convertvector(r, vh);
+}
+inline void storev(at::BFloat16* p, vf v) {
+  const vh h = narrow(v);
+  std::memcpy(p, &h, sizeof h);
+}
+// What storing to T and loading back gives: identity for fp32, one bf16 rounding for bf16.
+template <typename T>
+inline vf roundv(vf v) {
+  if constexpr (std::is_same_v<T, float>) return v;
+  else return widen(narrow(v));
+}
+// The first n (< W) lanes from p, zeros after; and their store.
+template <typename T>
+inline vf load_part(const T* p, int64_t n) {
+  T buf[W] = {};
+  std::memcpy(buf, p, n * sizeof(T));
+  return loadv(buf);
+}
+template <typename T>
+inline void store_part(T* p, int64_t n, vf v) {
+  T buf[W];
+  storev(buf, v);
+  std::memcpy(p, buf, n * sizeof(T));
+}
+inline float hsum(vf v) {  // pairwise: lanes w and w + W/2, then halves again
+  float s[W];
+  std::memcpy(s, &v, sizeof v);
+  for (int w = W / 2; w >= 1; w /= 2)
+    for (int i = 0; i < w; ++i) s[i] += s[i + w];
+  return s[0];
+}
+inline float hmax(vf v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = std::max(m, v[i]);
+  return m;
+}
+
 // Weight rows are read one after another, the whole matrix as one sequential stream (the hardware
-// prefetcher's best case; interleaving several rows' short streams measured 40% slower), with 4
+// prefetcher's best case; interleaving several rows' short streams measured 40% slower), with U
 // independent accumulators per activation row over the reduction dimension. More than 4 activation
 // rows are taken 4 at a time against the same weight row, which is then in L1: the weights still
 // stream from memory once per call.
-// The four cache lines 4 KiB ahead of the weight stream, into L2: on top of the hardware prefetcher
-// this read the model's matrices 5-9% faster (paired runs, 2-16 KiB and L1/L2 hints tried). Past the
-// matrix's end it touches nothing: prefetches never fault.
-inline void prefetch_ahead(const void* at) {
-  const char* p = static_cast<const char*>(at) + 4096;
-  for (int line = 0; line < 4; ++line) _mm_prefetch(p + 64 * line, _MM_HINT_T1);
+// A cache line 4 KiB ahead of the weight stream, into L2, per 64 bytes read: on top of the hardware
+// prefetcher this read the model's matrices 5-9% faster on AVX-512 (paired runs, 2-16 KiB and L1/L2
+// hints tried). Past the matrix's end it touches nothing: prefetches never fault.
+template <typename WT>
+inline void prefetch_ahead(const WT* at, int bytes) {
+  const char* p = reinterpret_cast<const char*>(at) + 4096;
+  for (int line = 0; line < bytes; line += 64) __builtin_prefetch(p + line, 0, 2);
 }
 
-template <int B>
-void dot_f32(const float* x, int64_t in, const float* wr, float* y, int64_t out) {
-  __m512 acc[B][4];
+// y[b * out] = dot(x[b], wr) for B activation rows (fp32, already widened) against one weight row.
+template <int B, typename WT>
+void dot(const float* x, int64_t in, const WT* wr, float* y, int64_t out) {
+  constexpr int U = B * 4 + 2 <= REGS ? 4 : 2;  // accumulators per row that fit the register file
+  vf acc[B][U];
   for (int b = 0; b < B; ++b)
-    for (int u = 0; u < 4; ++u) acc[b][u] = _mm512_setzero_ps();
+    for (int u = 0; u < U; ++u) acc[b][u] = vf{};
   int64_t k = 0;
-  for (; k + 64 <= in; k += 64) {
-    prefetch_ahead(wr + k);
-    for (int u = 0; u < 4; ++u) {
-      const __m512 wv = _mm512_loadu_ps(wr + k + 16 * u);
-      for (int b = 0; b < B; ++b) acc[b][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + b * in + k + 16 * u), acc[b][u]);
+  for (; k + U * W <= in; k += U * W) {
+    prefetch_ahead(wr + k, std::max<int>(64, U * W * sizeof(WT)));
+    for (int u = 0; u < U; ++u) {
+      const vf wv = loadv(wr + k + W * u);
+      for (int b = 0; b < B; ++b) acc[b][u] = vfma(wv, loadv(x + b * in + k + W * u), acc[b][u]);
     }
   }
-  for (; k < in; k += 16) {  // tail: masked loads read zeros past the row's end
-    const __mmask16 m = in - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (in - k)) - 1);
-    const __m512 wv = _mm512_maskz_loadu_ps(m, wr + k);
-    for (int b = 0; b < B; ++b) acc[b][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(m, x + b * in + k), acc[b][0]);
+  for (; k + W <= in; k += W) {
+    const vf wv = loadv(wr + k);
+    for (int b = 0; b < B; ++b) acc[b][0] = vfma(wv, loadv(x + b * in + k), acc[b][0]);
   }
-  for (int b = 0; b < B; ++b)
-    y[b * out] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]),
-                                                    _mm512_add_ps(acc[b][2], acc[b][3])));
+  if (k < in) {  // tail: zeros past the row's end
+    const vf wv = load_part(wr + k, in - k);
+    for (int b = 0; b < B; ++b) acc[b][0] = vfma(wv, load_part(x + b * in + k, in - k), acc[b][0]);
+  }
+  for (int b = 0; b < B; ++b) {
+    vf s = acc[b][0];
+    for (int u = 1; u < U; ++u) s += acc[b][u];
+    y[b * out] = hsum(s);
+  }
 }
 
-template <int B>
-void dot_bf16(const uint16_t* x, int64_t in, const uint16_t* wr, float* y, int64_t out) {
-  __m512 acc[B][4];
-  for (int b = 0; b < B; ++b)
-    for (int u = 0; u < 4; ++u) acc[b][u] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 128 <= in; k += 128) {
-    prefetch_ahead(wr + k);
-    for (int u = 0; u < 4; ++u) {
-      const __m512bh wv = (__m512bh)_mm512_loadu_si512(wr + k + 32 * u);
-      for (int b = 0; b < B; ++b)
-        acc[b][u] = _mm512_dpbf16_ps(acc[b][u], wv, (__m512bh)_mm512_loadu_si512(x + b * in + k + 32 * u));
-    }
-  }
-  for (; k < in; k += 32) {  // tail: masked loads read zeros past the row's end
-    const __mmask32 m = in - k >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << (in - k)) - 1);
-    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, wr + k);
-    for (int b = 0; b < B; ++b)
-      acc[b][0] = _mm512_dpbf16_ps(acc[b][0], wv, (__m512bh)_mm512_maskz_loadu_epi16(m, x + b * in + k));
-  }
-  for (int b = 0; b < B; ++b)
-    y[b * out] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[b][0], acc[b][1]),
-                                                    _mm512_add_ps(acc[b][2], acc[b][3])));
-}
-
-// Output rows r0:r1 for all `rows` activation rows: y[b, r] = dot(x[b], w[r]).
-template <typename T, void (*D1)(const T*, int64_t, const T*, float*, int64_t),
-          void (*D2)(const T*, int64_t, const T*, float*, int64_t), void (*D3)(const T*, int64_t, const T*, float*, int64_t),
-          void (*D4)(const T*, int64_t, const T*, float*, int64_t)>
-void rows(const T* x, int64_t nrows, int64_t in, const T* w, float* y, int64_t out, int64_t r0, int64_t r1) {
+// Output rows r0:r1 for all `nrows` activation rows: y[b, r] = dot(x[b], w[r]).
+template <typename WT>
+void rows(const float* x, int64_t nrows, int64_t in, const WT* w, float* y, int64_t out, int64_t r0, int64_t r1) {
   for (int64_t r = r0; r < r1; ++r) {
-    const T* wr = w + r * in;
+    const WT* wr = w + r * in;
     int64_t b = 0;
-    for (; b + 4 <= nrows; b += 4) D4(x + b * in, in, wr, y + b * out + r, out);
+    for (; b + 4 <= nrows; b += 4) dot<4>(x + b * in, in, wr, y + b * out + r, out);
     switch (nrows - b) {
-      case 3: D3(x + b * in, in, wr, y + b * out + r, out); break;
-      case 2: D2(x + b * in, in, wr, y + b * out + r, out); break;
-      case 1: D1(x + b * in, in, wr, y + b * out + r, out); break;
+      case 3: dot<3>(x + b * in, in, wr, y + b * out + r, out); break;
+      case 2: dot<2>(x + b * in, in, wr, y + b * out + r, out); break;
+      case 1: dot<1>(x + b * in, in, wr, y + b * out + r, out); break;
       default: break;
     }
   }
@@ -111,28 +210,27 @@ at::Tensor small_linear(const at::Tensor& input, const at::Tensor& weight, const
               "small_linear: float32 or bfloat16 only");
   const int64_t in = weight.size(1), out = weight.size(0);
   TORCH_CHECK(input.size(-1) == in, "small_linear: input has ", input.size(-1), " features, weight ", in);
-  auto x = input.reshape({-1, in}).contiguous();
-  const int64_t rows_n = x.size(0);
   const bool bf16 = weight.scalar_type() == at::kBFloat16;
-  // fp32 results go straight to the output; bf16 ones through an fp32 scratch, then bias and one
-  // rounding per element inside the same task (no extra pass over the output).
-  auto result = at::empty({rows_n, out}, x.options());
-  auto scratch = bf16 ? at::empty({rows_n, out}, x.options().dtype(at::kFloat)) : result;
+  // Activations in fp32 (bf16 ones widened once here, exactly); fp32 results go straight to the
+  // output, bf16 ones through an fp32 scratch, then bias and one rounding per element inside the same
+  // task (no extra pass over the output).
+  auto x = input.reshape({-1, in}).to(at::kFloat).contiguous();
+  const int64_t rows_n = x.size(0);
+  auto result = at::empty({rows_n, out}, input.options());
+  auto scratch = bf16 ? at::empty({rows_n, out}, x.options()) : result;
   float* yp = scratch.mutable_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
   at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
   // Output rows split over torch's intra-op threads, at least 64 rows per task.
   at::parallel_for(0, out, 64, [&](int64_t r0, int64_t r1) {
     if (bf16) {
-      const auto* xp = reinterpret_cast<const uint16_t*>(x.const_data_ptr());
-      const auto* wp = reinterpret_cast<const uint16_t*>(weight.const_data_ptr());
-      rows<uint16_t, dot_bf16<1>, dot_bf16<2>, dot_bf16<3>, dot_bf16<4>>(xp, rows_n, in, wp, yp, out, r0, r1);
+      rows(xp, rows_n, in, reinterpret_cast<const uint16_t*>(weight.const_data_ptr()), yp, out, r0, r1);
       auto* op = result.mutable_data_ptr<at::BFloat16>();
       for (int64_t i = 0; i < rows_n; ++i)
         for (int64_t r = r0; r < r1; ++r) op[i * out + r] = at::BFloat16(yp[i * out + r] + (bp ? bp[r] : 0.f));
     } else {
-      rows<float, dot_f32<1>, dot_f32<2>, dot_f32<3>, dot_f32<4>>(x.const_data_ptr<float>(), rows_n, in,
-                                                                   weight.const_data_ptr<float>(), yp, out, r0, r1);
+      rows(xp, rows_n, in, weight.const_data_ptr<float>(), yp, out, r0, r1);
       if (bp)
         for (int64_t i = 0; i < rows_n; ++i)
           for (int64_t r = r0; r < r1; ++r) yp[i * out + r] += bp[r];
@@ -221,55 +319,40 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& input, const a
   return {h.view(input.sizes()), result.view(input.sizes())};
 }
 
-// 16 lanes of fp32 from p (zeros past `mask`): fp32 as is, bf16 widened exactly.
-inline __m512 load16(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
-inline __m512 load16(const at::BFloat16* p, __mmask16 mask) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
-}
-// 16 fp32 lanes to p: fp32 as is, bf16 rounded to nearest even (at::BFloat16's rounding).
-inline void store16(float* p, __mmask16 mask, __m512 v) { _mm512_mask_storeu_ps(p, mask, v); }
-inline void store16(at::BFloat16* p, __mmask16 mask, __m512 v) {
-  _mm256_mask_storeu_epi16(p, mask, (__m256i)_mm512_cvtneps_pbh(v));
-}
-// What storing to T and loading back gives: identity for fp32, one bf16 rounding for bf16.
-template <typename T>
-inline __m512 round16(__m512 v) {
-  if constexpr (std::is_same_v<T, float>) return v;
-  else return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
-}
-inline __mmask16 lanes_mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
-}
-
-// exp of 16 lanes to about 1 ulp: x = n ln2 + r (Cody-Waite split of ln2), Cephes' degree-6 polynomial
-// for e^r, then scalef multiplies by 2^n (overflow to inf, underflow to 0 as expf does).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.7228394f)), _mm512_set1_ps(-104.f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
+// exp of W lanes to about 1 ulp: x = n ln2 + r (Cody-Waite split of ln2), Cephes' degree-6 polynomial
+// for e^r, then times 2^n in two exact power-of-two steps (overflow to inf, underflow through the
+// subnormals to 0 as expf does). NaN stays NaN.
+inline vf vexp(vf x) {
+  x = x > splat(88.7228394f) ? splat(88.7228394f) : x;
+  x = x < splat(-104.f) ? splat(-104.f) : x;
+  const vf magic = splat(12582912.f);  // 1.5 * 2^23: adding and subtracting it rounds to nearest even
+  const vf n = (x * splat(1.44269504088896341f) + magic) - magic;
+  vf r = x - n * splat(0.693359375f);  // exact: n has at most 8 bits, the constant 9
+  r = vfma(n, splat(2.12194440e-4f), r);
+  vf p = splat(1.9875691500e-4f);
+  p = vfma(p, r, splat(1.3981999507e-3f));
+  p = vfma(p, r, splat(8.3334519073e-3f));
+  p = vfma(p, r, splat(4.1665795894e-2f));
+  p = vfma(p, r, splat(1.6666665459e-1f));
+  p = vfma(p, r, splat(5.0000001201e-1f));
+  p = vfma(p, r * r, r + splat(1.f));
+  const vi ni = __builtin_convertvector(n, vi), half = ni >> 1;
+  const vf lo = (vf)((half + 127) << 23), hi = (vf)((ni - half + 127) << 23);
+  return p * lo * hi;
 }
 
 // silu(gate) * up over the two halves of a fused gate/up output [.., 2I] -> [.., I]: torch's
 // arithmetic (x / (1 + exp(-x)), each op's result rounded to T) without the split, silu and mul passes.
 template <typename T>
+inline vf silu_mul_v(vf g, vf u) {
+  return roundv<T>(g / (splat(1.f) + vexp(-g))) * u;
+}
+template <typename T>
 void silu_mul_row(const T* gate, const T* up, T* out, int64_t inner) {
-  const __m512 one = _mm512_set1_ps(1.f);
-  for (int64_t c = 0; c < inner; c += 16) {
-    const __mmask16 m = lanes_mask(inner - c);
-    const __m512 g = load16(gate + c, m);
-    const __m512 silu = round16<T>(_mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g)))));
-    store16(out + c, m, _mm512_mul_ps(silu, load16(up + c, m)));
-  }
+  int64_t c = 0;
+  for (; c + W <= inner; c += W) storev(out + c, silu_mul_v<T>(loadv(gate + c), loadv(up + c)));
+  if (c < inner)
+    store_part(out + c, inner - c, silu_mul_v<T>(load_part(gate + c, inner - c), load_part(up + c, inner - c)));
 }
 
 at::Tensor silu_mul(const at::Tensor& gate_up) {
@@ -280,7 +363,8 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   const int64_t inner = gate_up.size(-1) / 2;
   auto x = gate_up.reshape({-1, 2 * inner}).contiguous();
   auto result = at::empty({x.size(0), inner}, x.options());
-  at::parallel_for(0, x.size(0), std::max<int64_t>(1, 32768 / inner), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, x.size(0), std::max<int64_t>(1, 32768 / std::max<int64_t>(1, inner)), [&](int64_t r0,
+                                                                                                int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (x.scalar_type() == at::kBFloat16) {
         const auto* in = x.const_data_ptr<at::BFloat16>() + r * 2 * inner;
@@ -310,68 +394,68 @@ void rope_head(const T* x, const T* cos, const T* sin, int64_t dim, T* out) {
 
 // Attention of `group` query heads (fp32 values, contiguous) over keys/values 0..n-1 of one KV head:
 // scores q.k * scale, softmax in fp32, weighted sum of values, one rounding to T at the end.
+// `scores` holds group * round_up(n, W) floats.
 template <typename T>
 void attend(const float* q, int64_t group, int64_t dim, const T* keys, const T* values, int64_t n, float scale,
             float* scores, T* out) {
+  const int64_t stride = (n + W - 1) / W * W, full = dim / W * W;
+  vi lane;
+  for (int i = 0; i < W; ++i) lane[i] = i;
   for (int64_t g = 0; g < group; ++g) {
     const float* qg = q + g * dim;
-    float* s = scores + g * n;
-    if (dim == 64) {  // the common head size: the query in four registers for every key
-      const __m512 q0 = _mm512_loadu_ps(qg), q1 = _mm512_loadu_ps(qg + 16), q2 = _mm512_loadu_ps(qg + 32),
-                   q3 = _mm512_loadu_ps(qg + 48);
-      for (int64_t t = 0; t < n; ++t) {
-        const T* kr = keys + t * dim;
-        const __m512 a = _mm512_add_ps(_mm512_fmadd_ps(q1, load16(kr + 16, 0xFFFF), _mm512_mul_ps(q0, load16(kr, 0xFFFF))),
-                                       _mm512_fmadd_ps(q3, load16(kr + 48, 0xFFFF), _mm512_mul_ps(q2, load16(kr + 32, 0xFFFF))));
-        s[t] = _mm512_reduce_add_ps(a) * scale;
+    float* s = scores + g * stride;
+    for (int64_t t = 0; t < n; ++t) {
+      const T* kr = keys + t * dim;
+      vf a0 = vf{}, a1 = vf{};  // two chains: even and odd vectors of the head
+      int64_t c = 0;
+      for (; c + 2 * W <= full; c += 2 * W) {
+        a0 = vfma(loadv(qg + c), loadv(kr + c), a0);
+        a1 = vfma(loadv(qg + c + W), loadv(kr + c + W), a1);
       }
-    } else {
-      for (int64_t t = 0; t < n; ++t) {
-        const T* kr = keys + t * dim;
-        __m512 a = _mm512_setzero_ps();
-        for (int64_t c = 0; c < dim; c += 16) {
-          const __mmask16 m = lanes_mask(dim - c);
-          a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qg + c), load16(kr + c, m), a);
-        }
-        s[t] = _mm512_reduce_add_ps(a) * scale;
-      }
+      if (c < full) a0 = vfma(loadv(qg + c), loadv(kr + c), a0);
+      float tail = 0.f;
+      for (int64_t d = full; d < dim; ++d) tail += qg[d] * static_cast<float>(kr[d]);
+      s[t] = (hsum(a0 + a1) + tail) * scale;
     }
-    // softmax numerators exp(s - max) in place, and their sum
-    __m512 top = _mm512_set1_ps(-INFINITY);
-    for (int64_t t = 0; t < n; t += 16) top = _mm512_mask_max_ps(top, lanes_mask(n - t), top,
-                                                                  _mm512_maskz_loadu_ps(lanes_mask(n - t), s + t));
-    const __m512 max = _mm512_set1_ps(_mm512_reduce_max_ps(top));
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t t = 0; t < n; t += 16) {
-      const __mmask16 m = lanes_mask(n - t);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + t), max));
-      _mm512_mask_storeu_ps(s + t, m, e);
-      sum = _mm512_mask_add_ps(sum, m, sum, e);
+    // softmax numerators exp(s - max) in place (lanes past n give 0), and their sum
+    float top = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) top = std::max(top, s[t]);
+    const vf max = splat(top);
+    vf sum = vf{};
+    for (int64_t t = 0; t < stride; t += W) {
+      const vf e = vexp(loadv(s + t) - max);
+      const vf kept = lane + static_cast<int32_t>(t) < static_cast<int32_t>(n) ? e : vf{};
+      storev(s + t, kept);
+      sum += kept;
     }
-    const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
-    // weighted values, 64 output lanes at a time held in registers across all positions
+    const vf total = splat(hsum(sum));
+    // weighted values, 4 vectors of output lanes at a time held in registers across all positions
     int64_t c0 = 0;
-    for (; c0 + 64 <= dim; c0 += 64) {
-      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (; c0 + 4 * W <= full; c0 += 4 * W) {
+      vf a0 = vf{}, a1 = a0, a2 = a0, a3 = a0;
       for (int64_t t = 0; t < n; ++t) {
-        const __m512 p = _mm512_set1_ps(s[t]);
+        const vf p = splat(s[t]);
         const T* vr = values + t * dim + c0;
-        a0 = _mm512_fmadd_ps(p, load16(vr, 0xFFFF), a0);
-        a1 = _mm512_fmadd_ps(p, load16(vr + 16, 0xFFFF), a1);
-        a2 = _mm512_fmadd_ps(p, load16(vr + 32, 0xFFFF), a2);
-        a3 = _mm512_fmadd_ps(p, load16(vr + 48, 0xFFFF), a3);
+        a0 = vfma(p, loadv(vr), a0);
+        a1 = vfma(p, loadv(vr + W), a1);
+        a2 = vfma(p, loadv(vr + 2 * W), a2);
+        a3 = vfma(p, loadv(vr + 3 * W), a3);
       }
       T* o = out + g * dim + c0;
-      store16(o, 0xFFFF, _mm512_div_ps(a0, total));
-      store16(o + 16, 0xFFFF, _mm512_div_ps(a1, total));
-      store16(o + 32, 0xFFFF, _mm512_div_ps(a2, total));
-      store16(o + 48, 0xFFFF, _mm512_div_ps(a3, total));
+      storev(o, a0 / total);
+      storev(o + W, a1 / total);
+      storev(o + 2 * W, a2 / total);
+      storev(o + 3 * W, a3 / total);
     }
-    for (; c0 < dim; c0 += 16) {  // head_dim not a multiple of 64: the rest 16 lanes at a time
-      const __mmask16 m = lanes_mask(dim - c0);
-      __m512 a = _mm512_setzero_ps();
-      for (int64_t t = 0; t < n; ++t) a = _mm512_fmadd_ps(_mm512_set1_ps(s[t]), load16(values + t * dim + c0, m), a);
-      store16(out + g * dim + c0, m, _mm512_div_ps(a, total));
+    for (; c0 < dim; c0 += W) {  // head_dim not a multiple of 4 W: the rest W lanes at a time
+      const int64_t left = std::min<int64_t>(W, dim - c0);
+      vf a = vf{};
+      for (int64_t t = 0; t < n; ++t) {
+        const T* vr = values + t * dim + c0;
+        a = vfma(splat(s[t]), left == W ? loadv(vr) : load_part(vr, left), a);
+      }
+      if (left == W) storev(out + g * dim + c0, a / total);
+      else store_part(out + g * dim + c0, left, a / total);
     }
   }
 }
@@ -411,7 +495,7 @@ void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const a
     std::vector<float> scores;
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / kv_heads, j = task % kv_heads, n = positions[b] + 1;
-      scores.resize(group * n);
+      scores.resize(group * ((n + W - 1) / W * W));
       const int64_t base = (slots[b] * kv_heads + j) * max_len * dim;
       attend<T>(queries.data() + (b * heads + j * group) * dim, group, dim, kc + base, vc + base, n,
                 static_cast<float>(scale), scores.data(), result.mutable_data_ptr<T>() + (b * heads + j * group) * dim);
@@ -465,7 +549,11 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
 
 }  // namespace
 
-TORCH_LIBRARY(largemodel, m) {
+// TORCH_LIBRARY pastes its namespace argument into identifiers: expand LARGEMODEL_NS first.
+#define LARGEMODEL_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define LARGEMODEL_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+LARGEMODEL_LIBRARY(LARGEMODEL_NS, m) {
   m.def("small_linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor input, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
@@ -474,7 +562,7 @@ TORCH_LIBRARY(largemodel, m) {
         "Tensor slots, Tensor positions, int heads, int kv_heads, float scale) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(largemodel, CPU, m) {
+LARGEMODEL_LIBRARY_IMPL(LARGEMODEL_NS, CPU, m) {
   m.impl("small_linear", &small_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);

@@ -1,24 +1,28 @@
-"""CPU decode kernels (`torch.ops.largemodel.*`): built from cpu_kernels.cpp on first use, cached, optional.
+"""CPU decode kernels (`torch.ops.largemodel_<level>.*`): built from cpu_kernels.cpp on first use, cached, optional.
 
 A decode step multiplies a handful of activation rows by every weight matrix once, so on CPU it is
 as fast as the weights stream from memory. torch's F.linear for one row goes to MKL's GEMV (fp32) or
-oneDNN (bf16), which on this project's AMD Zen 4 machines stream at about half the bus bandwidth;
+oneDNN (bf16), which on the AMD Zen machines measured here stream at well under the bus bandwidth;
 `small_linear` streams them at close to it (docs/PERFORMANCE.md, "Engine"). Once the matmuls are that
 fast, the small tensor ops between them are a fifth of a step: `rms_norm`/`add_rms_norm`, `silu_mul`
 and `decode_attention` (RoPE + cache write + attention of one decode token) do in four calls per layer
 what about thirty torch ops did, with torch's arithmetic.
 
-`load()` compiles the C++ file with the system compiler against the installed torch into
-`$LARGEMODEL_KERNEL_DIR` (default `~/.cache/largemodel/kernels`), keyed by a hash of the source, the
-torch version and the flags, and loads it with `torch.ops.load_library`; a prebuilt library there
-(the container image builds one) is loaded without a compiler and without writing anything.
-Anything that stops it (not x86-64, no AVX-512 BF16, no compiler, a read-only directory, or
-`LARGEMODEL_CPU_KERNELS=0`) is logged once and leaves torch's own ops in charge: the kernels only
-ever change speed, never whether the engine runs.
+The C++ source is one file written with GCC/Clang vector extensions, compiled once per instruction-set
+level (`LEVELS`: avx512, avx2, neon, generic); `load()` picks the best level this CPU runs (its
+/proc/cpuinfo flags; `LARGEMODEL_CPU_KERNELS_ISA=<level>` asks for a lower one), compiles it with the
+system compiler against the installed torch into `$LARGEMODEL_KERNEL_DIR` (default
+`~/.cache/largemodel/kernels`) as `cpu_kernels-<level>-<hash>.so`, keyed by the source, the torch
+version and the flags, and loads it with `torch.ops.load_library`; a prebuilt library there (the
+runtime image ships every level, `python -m largemodel.runtime.cpu_kernels --all`) is loaded without a
+compiler and without writing anything. If a level fails to build or load the next lower one is tried;
+if none can (no compiler, a read-only directory, or `LARGEMODEL_CPU_KERNELS=0`) that is logged once and
+torch's own ops stay in charge: the kernels only ever change speed, never whether the engine runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import logging
 import os
@@ -29,6 +33,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +42,35 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-CXX_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off", "-mavx512f", "-mavx512bw",
-             "-mavx512vl", "-mavx512bf16"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp", "-ffp-contract=off"]
+
+
+@dataclass(frozen=True)
+class Level:
+    """One instruction-set level the source compiles for: its compiler flags and the CPU flags it needs."""
+
+    name: str
+    machines: tuple[str, ...]  # platform.machine() values it compiles for; () = any
+    cxx_flags: tuple[str, ...]
+    cpu_flags: tuple[str, ...]  # /proc/cpuinfo "flags" (x86) or "Features" (Arm) it needs
+
+
+# Best first. `generic` is the same source with no ISA flags (SSE2 on x86-64, the baseline elsewhere).
+LEVELS = (
+    Level("avx512", ("x86_64", "amd64"), ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mf16c"),
+          ("avx512f", "avx512bw", "avx512vl", "avx2", "fma", "f16c")),
+    Level("avx2", ("x86_64", "amd64"), ("-mavx2", "-mfma", "-mf16c"), ("avx2", "fma", "f16c")),
+    Level("neon", ("aarch64", "arm64"), (), ("asimd",)),
+    Level("generic", (), (), ()),
+)
+BY_NAME = {level.name: level for level in LEVELS}
 # Activation rows up to which the kernel is the fastest path measured here; from there on arithmetic,
 # not the weight stream, is the limit and oneDNN's GEMM does as well or better.
 MAX_ROWS = 4
 
-_ops: Any = None  # torch.ops.largemodel once the library is loaded
+_ops: Any = None  # torch.ops.largemodel_<level> of the level in use
+_level: str | None = None
+_loaded: dict[str, Any] = {}  # level -> its ops namespace, for every library loaded in this process
 _onednn: Any = None  # torch.ops.mkldnn._linear_pointwise: oneDNN's fp32 GEMM, 1.1-2.3x MKL's on AMD Zen
 _tried = False
 
@@ -55,18 +81,46 @@ def switched_off() -> bool:
 
 
 def unavailable_reason() -> str | None:
-    """Why the kernel cannot run on this machine/config, or None when it can."""
-    if switched_off():
-        return "disabled by LARGEMODEL_CPU_KERNELS"
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return f"not x86-64 ({platform.machine()})"
+    """Why the kernels are not to be used in this process, or None when they may be."""
+    return "disabled by LARGEMODEL_CPU_KERNELS" if switched_off() else None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); empty if unreadable."""
     try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError as err:
-        return f"cannot read /proc/cpuinfo: {err}"
-    missing = [f for f in CPU_FLAGS if f not in flags]
-    return f"CPU lacks {', '.join(missing)}" if missing else None
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return set()
+    return next((set(line.split(":", 1)[1].split()) for line in lines
+                 if line.split(":", 1)[0].strip() in ("flags", "Features")), set())
+
+
+def compiles_here(level: Level) -> bool:
+    """Whether the host compiler targets this level (its architecture matches this machine's)."""
+    return not level.machines or platform.machine().lower() in level.machines
+
+
+def host_levels() -> list[str]:
+    """The levels this machine can compile and run, best first (always ends with generic)."""
+    flags = cpu_flags()
+    return [lv.name for lv in LEVELS if compiles_here(lv) and all(f in flags for f in lv.cpu_flags)]
+
+
+def buildable_levels() -> list[str]:
+    """The levels the host compiler can build for this architecture (what an image prebuilds)."""
+    return [lv.name for lv in LEVELS if compiles_here(lv)]
+
+
+def wanted_levels() -> list[str]:
+    """The levels load() tries, in order: the best this CPU runs, or from LARGEMODEL_CPU_KERNELS_ISA down."""
+    runnable = host_levels()
+    asked = os.environ.get("LARGEMODEL_CPU_KERNELS_ISA", "").strip().lower()
+    if asked and asked != "auto":
+        if asked not in runnable:
+            log.warning("event=kernel_isa_ignored requested=%s runnable=%s", asked, ",".join(runnable))
+        else:
+            return runnable[runnable.index(asked):]
+    return runnable
 
 
 def kernel_dir() -> Path:
@@ -78,29 +132,44 @@ def kernel_dir() -> Path:
     return Path(cache) / "largemodel" / "kernels"
 
 
-def library_path() -> Path:
-    """The cached library for this source, torch version and flag set."""
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(CXX_FLAGS).encode())
-    return kernel_dir() / f"cpu_kernels-{key.hexdigest()[:16]}.so"
+def level_flags(level: str) -> list[str]:
+    """The full compiler flag list for one level (part of the library's cache key)."""
+    return [*CXX_FLAGS, *BY_NAME[level].cxx_flags, f"-DLARGEMODEL_ISA_{level.upper()}",
+            f"-DLARGEMODEL_NS=largemodel_{level}"]
 
 
-def build(target: Path) -> None:
-    """Compile cpu_kernels.cpp into `target` (written under a temporary name, then renamed)."""
+def library_path(level: str | None = None) -> Path:
+    """The cached library of one level (default: the first load() tries) for this source, torch and flags."""
+    level = level or wanted_levels()[0]
+    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(level_flags(level)).encode())
+    return kernel_dir() / f"cpu_kernels-{level}-{key.hexdigest()[:16]}.so"
+
+
+def compile_command(level: str, output: Path, cxx: str, link: bool = True) -> list[str]:
+    """The compiler command that builds one level's library (link=False: an object file, no torch libraries)."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
+    abi = int(torch.compiled_with_cxx11_abi())
+    flags = level_flags(level) if link else [f for f in level_flags(level) if f != "-shared"] + ["-c"]
+    cmd = [cxx, *flags, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-isystem{p}" for p in include_paths()),
+           str(SOURCE), "-o", str(output)]
+    if link:
+        libs = library_paths()
+        cmd += [*(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs), "-lc10", "-ltorch_cpu"]
+    return cmd
+
+
+def build(target: Path, level: str | None = None) -> None:
+    """Compile cpu_kernels.cpp for one level into `target` (written under a temporary name, then renamed)."""
+    level = level or wanted_levels()[0]
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (c++/g++) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
-    abi = int(torch.compiled_with_cxx11_abi())
-    libs = library_paths()
     with tempfile.NamedTemporaryFile(dir=target.parent, suffix=".so", delete=False) as tmp:
         partial = Path(tmp.name)
-    cmd = [cxx, *CXX_FLAGS, f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *(f"-isystem{p}" for p in include_paths()),
-           str(SOURCE), "-o", str(partial), *(f"-L{p}" for p in libs), *(f"-Wl,-rpath,{p}" for p in libs),
-           "-lc10", "-ltorch_cpu"]
     try:
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(compile_command(level, partial, cxx), capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{cxx} exited {result.returncode}: {result.stderr.strip()[-2000:]}")
         os.replace(partial, target)  # atomic: concurrent ranks each build, the last rename wins
@@ -108,30 +177,53 @@ def build(target: Path) -> None:
         partial.unlink(missing_ok=True)
 
 
+def load_level(level: str) -> Any:
+    """torch.ops.largemodel_<level>, building and loading that level's library if needed; raises if it cannot.
+
+    Only for levels in host_levels(): a library for an instruction set the CPU lacks would crash on first use.
+    """
+    if level in _loaded:
+        return _loaded[level]
+    if level not in host_levels():
+        raise RuntimeError(f"this CPU cannot run the {level} kernels (it runs {', '.join(host_levels())})")
+    path = library_path(level)
+    if not path.exists():
+        log.info("event=kernel_build kernel=cpu_kernels level=%s path=%s", level, path)
+        began = time.perf_counter()
+        build(path, level)
+        log.info("event=kernel_built kernel=cpu_kernels level=%s seconds=%.1f", level, time.perf_counter() - began)
+    torch.ops.load_library(str(path))
+    _loaded[level] = getattr(torch.ops, f"largemodel_{level}")
+    log.info("event=kernel_loaded kernel=cpu_kernels level=%s path=%s", level, path)
+    return _loaded[level]
+
+
 def load() -> bool:
-    """Make torch.ops.largemodel.* available (building them if needed); False if they cannot be."""
-    global _ops, _onednn, _tried
+    """Make the best level's torch.ops.largemodel_<level>.* available (building if needed); False if none can be."""
+    global _ops, _level, _onednn, _tried
     if _tried:
         return _ops is not None
     _tried = True
     _onednn = onednn_linear()
     reason = unavailable_reason()
     if reason is None:
-        try:
-            path = library_path()
-            if not path.exists():
-                log.info("event=kernel_build kernel=cpu_kernels path=%s", path)
-                began = time.perf_counter()
-                build(path)
-                log.info("event=kernel_built kernel=cpu_kernels seconds=%.1f", time.perf_counter() - began)
-            torch.ops.load_library(str(path))
-            _ops = torch.ops.largemodel
-            log.info("event=kernel_loaded kernel=cpu_kernels path=%s", path)
-            return True
-        except Exception as err:  # noqa: BLE001 - any failure only means the slower torch-op path
-            reason = f"{type(err).__name__}: {err}"
+        failures = []
+        for level in wanted_levels():
+            try:
+                _ops, _level = load_level(level), level
+                return True
+            except Exception as err:  # noqa: BLE001 - any failure only means a lower level or torch ops
+                failures.append(f"{level}: {type(err).__name__}: {err}")
+                if "no C++ compiler" in str(err):
+                    break
+        reason = "; ".join(failures)
     log.warning("event=kernel_unavailable kernel=cpu_kernels reason=%r fallback=torch", reason)
     return False
+
+
+def level() -> str | None:
+    """The instruction-set level whose kernels are in use, or None (torch ops)."""
+    return _level if _ops is not None else None
 
 
 def onednn_linear() -> Any:
@@ -164,6 +256,19 @@ def disabled() -> Iterator[None]:
         yield
     finally:
         _ops, _onednn = saved
+
+
+@contextmanager
+def using(name: str) -> Iterator[Any]:
+    """Route every kernel call to one level's library inside the block (tests and benchmarks compare levels)."""
+    global _ops, _level, _onednn
+    ops = load_level(name)
+    saved = (_ops, _level, _onednn)
+    _ops, _level, _onednn = ops, name, onednn_linear()
+    try:
+        yield ops
+    finally:
+        _ops, _level, _onednn = saved
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -235,11 +340,28 @@ class Linear(torch.nn.Linear):
         return linear(input, self.weight, self.bias)
 
 
-def main() -> int:
-    """`python -m largemodel.runtime.cpu_kernels`: build (or find) the kernels now, report the outcome."""
+def main(argv: list[str] | None = None) -> int:
+    """`python -m largemodel.runtime.cpu_kernels [--all]`: build (or find) the kernels now, report the outcome."""
+    parser = argparse.ArgumentParser(prog="python -m largemodel.runtime.cpu_kernels", description=main.__doc__)
+    parser.add_argument("--all", action="store_true",
+                        help="build every level this compiler targets (a container image's prebuilt set), "
+                             "including ones this CPU cannot run; exit 1 if any fails")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.all:
+        failed = 0
+        for name in buildable_levels():
+            path = library_path(name)
+            try:
+                if not path.exists():
+                    build(path, name)
+                print(f"cpu_kernels: {name} built at {path}")
+            except Exception as err:  # noqa: BLE001 - reported, and the exit status says so
+                failed += 1
+                print(f"cpu_kernels: {name} failed: {err}")
+        return 1 if failed else 0
     ok = load()
-    print(f"cpu_kernels: {'ready at ' + str(library_path()) if ok else 'unavailable (torch ops are used)'}")
+    print(f"cpu_kernels: {f'{_level} ready at {library_path(_level)}' if ok else 'unavailable (torch ops are used)'}")
     return 0
 
 

@@ -1,15 +1,20 @@
-"""The CPU decode kernels (torch.ops.largemodel.*) and the fused projections they stream.
+"""The CPU decode kernels (torch.ops.largemodel_<level>.*) and the fused projections they stream.
 
 small_linear must compute what F.linear computes (fp32 to rounding, bf16 to one bf16 rounding of
 the output) for every shape a decode step produces; the norm, SwiGLU and decode-attention kernels
 must compute what the model's tensor-op path computes; the engine must run with or without them.
+Every kernel test runs once per instruction-set level this machine executes (an AVX2 host: avx2 and
+generic; an AVX-512 host: avx512, avx2, generic; Arm: neon, generic), so the generic fallback is
+tested everywhere; every level this compiler targets, runnable here or not, must at least build.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +29,13 @@ from largemodel.runtime.parallel import ParallelContext
 from largemodel.runtime.weights import build_stage
 
 
-@pytest.fixture(scope="module")
-def kernel() -> Any:
-    reason = cpu_kernels.unavailable_reason()
-    if reason is not None:
-        pytest.skip(f"the CPU kernels cannot run on this machine: {reason} (the engine uses torch ops here)")
-    assert cpu_kernels.load(), "the kernel should build and load on a machine that supports it"
-    return torch.ops.largemodel.small_linear
+@pytest.fixture(scope="module", params=cpu_kernels.host_levels())
+def kernel(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """One level's small_linear, with every cpu_kernels call routed to that level for the test."""
+    if shutil.which(os.environ.get("CXX") or "c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: the kernels cannot be built (the engine uses torch ops)")
+    with cpu_kernels.using(request.param) as ops:
+        yield ops.small_linear
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -244,9 +249,54 @@ def test_prebuilt_library_loads_without_building_or_writing(kernel: Any, tmp_pat
         loaded = _run_module({"LARGEMODEL_KERNEL_DIR": str(kernels)})
     finally:
         kernels.chmod(0o755)
-    assert loaded.returncode == 0 and "ready at" in loaded.stdout, loaded.stderr
+    best = cpu_kernels.host_levels()[0]
+    assert loaded.returncode == 0 and f"{best} ready at" in loaded.stdout, loaded.stderr
     assert "event=kernel_build " not in loaded.stderr
-    assert sorted(p.name for p in kernels.iterdir()) == [cpu_kernels.library_path().name]
+    assert sorted(p.name for p in kernels.iterdir()) == [cpu_kernels.library_path(best).name]
+
+
+def test_isa_can_be_lowered_by_environment(kernel: Any) -> None:
+    """LARGEMODEL_CPU_KERNELS_ISA picks a lower level than the best (here: generic); an unknown one is ignored."""
+    done = _run_module({"LARGEMODEL_CPU_KERNELS_ISA": "generic"})
+    assert done.returncode == 0 and "generic ready at" in done.stdout, done.stderr
+    odd = _run_module({"LARGEMODEL_CPU_KERNELS_ISA": "no-such-isa"})
+    assert odd.returncode == 0 and f"{cpu_kernels.host_levels()[0]} ready at" in odd.stdout, odd.stderr
+    assert "event=kernel_isa_ignored" in odd.stderr
+
+
+def test_levels_match_this_cpu() -> None:
+    """The levels tested here are what /proc/cpuinfo allows, best first, and always include generic."""
+    levels, flags = cpu_kernels.host_levels(), cpu_kernels.cpu_flags()
+    assert levels[-1] == "generic" and set(levels) <= set(cpu_kernels.buildable_levels())
+    assert ("avx2" in levels) == ({"avx2", "fma", "f16c"} <= flags and "avx2" in cpu_kernels.buildable_levels())
+    assert ("avx512" in levels) == ("avx512f" in flags and "avx512bw" in flags and "avx512vl" in flags
+                                    and "avx2" in levels)
+    with pytest.raises(RuntimeError, match="cannot run"):
+        cpu_kernels.load_level(next(lv for lv in cpu_kernels.buildable_levels() + ["neon", "avx512"]
+                                    if lv not in levels))
+
+
+@pytest.mark.parametrize("level", [lv.name for lv in cpu_kernels.LEVELS if lv.name != "generic"])
+def test_every_level_compiles(level: str, tmp_path: Path) -> None:
+    """Each level builds with this host's compiler, or its cross compiler for Arm, runnable here or not
+    (an AVX-512 build on an AVX2 machine, NEON's object file on x86-64 with this torch's headers)."""
+    spec = cpu_kernels.BY_NAME[level]
+    if cpu_kernels.compiles_here(spec):
+        cxx, link = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++"), True
+        if level in cpu_kernels.host_levels() and cpu_kernels.library_path(level).exists():
+            return  # the kernel fixture built and loaded it already
+    else:
+        cross = {"neon": "aarch64-linux-gnu-g++", "avx512": "x86_64-linux-gnu-g++", "avx2": "x86_64-linux-gnu-g++"}
+        cxx, link = shutil.which(cross[level]), False
+        if cxx is None:
+            pytest.skip(f"no {cross[level]} here: install it (Debian: g++-aarch64-linux-gnu) to compile-check {level}")
+    if cxx is None:
+        pytest.skip("no C++ compiler on this machine")
+    out = tmp_path / ("k.so" if link else "k.o")
+    done = subprocess.run(cpu_kernels.compile_command(level, out, cxx, link=link), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.stat().st_size > 0
 
 
 def test_no_compiler_falls_back(tmp_path: Path) -> None:
