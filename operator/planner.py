@@ -8,7 +8,8 @@ Rules, in the order they are checked:
 - Memory per GPU: weights of the largest stage / tp (= M/(tp*pp) for an even split) + KV cache for
   maxBatchSize x maxModelLen over that stage's layers with KV heads sharded by tp + OVERHEAD_GIB
   must be <= gpu.memoryGiB * MEMORY_UTILIZATION.
-`auto` picks the fewest GPUs, then the lowest pp, and reports what it rejected and why.
+`auto` picks the fewest nodes per group, then the fewest stages, then the fewest GPUs, and reports
+what it rejected and why.
 """
 
 from __future__ import annotations
@@ -193,12 +194,20 @@ def _fitting_layouts(spec: api.LargeModelSpec, arch: api.Architecture) -> str:
     return "; ".join(choices) if choices else "none (the model does not fit these GPUs at any layout)"
 
 
+def nodes_per_group(spec: api.LargeModelSpec, tp: int, pp: int) -> int:
+    """Nodes one group needs: each stage is a pod of tp GPUs on one node, perNode // tp of them per node."""
+    return -(-pp // max(1, spec.gpu.per_node // tp))
+
+
 def _candidates(spec: api.LargeModelSpec, arch: api.Architecture) -> Iterator[tuple[int, int]]:
-    """Every (tp, pp) the spec allows, fewest GPUs first, then lowest pp."""
+    """Every (tp, pp) the spec allows, in the order practitioners prefer: fewest nodes per group, then
+    fewest pipeline stages (TP fills a node before PP is added: PP adds latency and bubbles, TP divides
+    each token's weight reads), then fewest GPUs."""
     par = spec.parallelism
     tps = [par.tensor] if isinstance(par.tensor, int) else list(range(1, spec.gpu.per_node + 1))
     pps = [par.pipeline] if isinstance(par.pipeline, int) else list(range(1, arch.num_hidden_layers + 1))
-    yield from sorted(((tp, pp) for tp in tps for pp in pps), key=lambda lay: (lay[0] * lay[1], lay[1]))
+    yield from sorted(((tp, pp) for tp in tps for pp in pps),
+                      key=lambda lay: (nodes_per_group(spec, *lay), lay[1], lay[0] * lay[1]))
 
 
 def _check_fixed(spec: api.LargeModelSpec, arch: api.Architecture) -> None:

@@ -65,16 +65,38 @@ def test_405b_bf16_on_two_nodes_of_8x80gb_is_tp8_pp2() -> None:
     assert "needs 128.0 GiB per GPU" in plan.rejected[0].why
 
 
-def test_405b_auto_picks_fewest_gpus_then_lowest_pp_and_explains() -> None:
+def test_405b_auto_picks_fewest_nodes_then_fewest_stages_and_explains() -> None:
     plan = plan_parallelism(spec(LLAMA31_405B, parallelism={"microBatches": 8}))
+    # tp4 x pp3 would use fewer GPUs (12) but also two nodes, with half of one stranded and half the
+    # per-token bandwidth of tp8: fewest nodes, then fewest stages, picks tp8 x pp2.
     assert (plan.tp, plan.pp) == (8, 2)
     why = {r.tp: r for r in plan.rejected}
     # Divisibility rejections hold for any pipeline; memory rejections name the nearest miss.
     assert why[3].why == "tensor=3 does not divide numAttentionHeads=128 (any pipeline)"
     assert why[8].pp == 1 and "> 72.0 GiB usable" in why[8].why
-    assert why[1].pp == 15 and "74.0 GiB" in why[1].why  # 15 GPUs would be fewer, but do not fit
-    assert why[4].pp == 3
+    # Every one-node layout was tried first: tp1 up to 8 stages, tp2 up to 4, tp4 up to 2.
+    assert (why[1].pp, why[2].pp, why[4].pp) == (8, 4, 2)
     assert plan.total_gpus == 16 and plan.warnings == ()
+
+
+def test_70b_fp16_auto_fills_a_node_with_tp_before_adding_stages() -> None:
+    """Practitioners run 70B fp16 on 8x80 GB as tp4 x pp1, not the 3-GPU tp1 x pp3 of "fewest GPUs"."""
+    fp16 = {"uri": "pvc://models/m", "dtype": "float16", "architecture": LLAMA3_70B}
+    plan = plan_parallelism(spec(model=fp16, serving={"maxBatchSize": 8, "maxModelLen": 4096}))
+    assert (plan.tp, plan.pp) == (4, 1)
+    assert {(r.tp, r.pp) for r in plan.rejected if "needs" in r.why} == {(1, 1), (2, 1)}
+    # where tp2 fits (a smaller KV cache and 141 GB GPUs), it wins: fewer GPUs, still one stage
+    roomy = plan_parallelism(spec(model=fp16, gpu={"perNode": 8, "memoryGiB": 141},
+                                  serving={"maxBatchSize": 8, "maxModelLen": 4096}))
+    assert (roomy.tp, roomy.pp) == (2, 1)
+
+
+@pytest.mark.parametrize(("per_node", "tp", "pp", "nodes"), [(8, 8, 2, 2), (8, 4, 2, 1), (8, 4, 3, 2), (8, 1, 8, 1),
+                                                           (8, 3, 3, 2), (4, 4, 1, 1)])
+def test_nodes_per_group(per_node: int, tp: int, pp: int, nodes: int) -> None:
+    from largemodel.operator.planner import nodes_per_group
+
+    assert nodes_per_group(spec(gpu={"perNode": per_node, "memoryGiB": 80}), tp, pp) == nodes
 
 
 @pytest.mark.parametrize(
