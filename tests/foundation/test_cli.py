@@ -47,7 +47,10 @@ def test_plan_yaml_output_and_stdin() -> None:
     assert result.returncode == 0
     report = yaml.safe_load(result.stdout)
     assert report["plan"]["layersPerStage"] == [19, 11]  # the LM head weighs 8 of SmolLM2's layers
-    assert report["plan"]["warnings"][0].startswith("microBatches=2 < 4*pipeline=8")
+    assert report["plan"]["warnings"] == []
+    few = (EXAMPLES / "smollm2-local.yaml").read_text().replace("microBatches: 8", "microBatches: 2")
+    warned = yaml.safe_load(run_largemodel("plan", "-f", "-", stdin=few).stdout)
+    assert warned["plan"]["warnings"][0].startswith("microBatches=2 < 4*pipeline=8")
 
 
 def write(tmp_path: Path, body: Any, name: str = "lm.yaml") -> Path:
