@@ -5,15 +5,20 @@ Shared by the HTTP and gRPC front ends so both accept and refuse exactly the sam
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from largemodel.runtime.generation import AdmissionError, GenerationRequest
+from largemodel import metrics
+from largemodel.runtime import protocol as p
+from largemodel.runtime.generation import AdmissionError, GenerationRequest, QueueFullError
 from largemodel.runtime.scheduler import Scheduler
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -123,3 +128,49 @@ def build_request(
         stop_token_ids=stop_token_ids,
         ignore_eos=ignore_eos,
     )
+
+
+async def off_loop(state: Any, fn: Callable[..., T], *args: Any) -> T:
+    """Run tokenizer work on the state's tokenizer thread, never on the event loop.
+
+    One thread: a Rust tokenizer must not be used from two threads at once (the engine thread has
+    its own). Requests waiting for it are capped, so a flood is refused (429) rather than queued.
+    """
+    if state.tokenizing >= state.max_tokenizing:
+        metrics.REQUESTS.labels(status=metrics.STATUS_REJECTED).inc()
+        raise QueueFullError(f"{state.tokenizing} requests are waiting to be tokenized; retry later", retry_after_s=1)
+    state.tokenizing += 1
+    try:
+        return await asyncio.get_running_loop().run_in_executor(state.tokenizer_pool, fn, *args)
+    finally:
+        state.tokenizing -= 1
+
+
+def sampling_request(state: Any, body: p._SamplingFields, tokens: list[int], max_tokens: int | None,
+                     prompt_param: str = "prompt") -> GenerationRequest:
+    """The scheduler request of a validated body and its prompt tokens."""
+    return build_request(
+        state.scheduler, state.sampling_params, state.defaults, tokens,
+        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+        seed=body.seed, stop=body.stop_strings(), stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos, vocab_size=state.vocab_size, prompt_param=prompt_param,
+    )
+
+
+async def completion_request(state: Any, body: p.CompletionRequest,
+                             default_max_tokens: int | None = p.COMPLETION_DEFAULT_MAX_TOKENS) -> GenerationRequest:
+    """Tokenize (off the loop) and admit-check a completion body; AdmissionError says what is wrong."""
+    prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+    if isinstance(prompt, str):
+        tokens = await off_loop(state, encode_text, state.tokenizer, prompt, state.max_model_len)
+    else:
+        tokens = [int(t) for t in prompt]
+    limit = body.max_tokens if body.max_tokens is not None else default_max_tokens
+    return sampling_request(state, body, tokens, limit)
+
+
+async def chat_request(state: Any, body: p.ChatCompletionRequest) -> GenerationRequest:
+    """Render the chat template and tokenize (off the loop), then admit-check; AdmissionError says what is wrong."""
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    tokens = await off_loop(state, encode_chat, state.tokenizer, messages, state.max_model_len)
+    return sampling_request(state, body, tokens, body.token_limit(), "messages")

@@ -10,6 +10,7 @@ of sequences in flight across decode steps.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -61,6 +62,11 @@ class SeqInput:
     tokens: list[int]
     start_pos: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+# Bounds of what a sequence may ask for; the API refuses more before it gets here (protocol.py).
+MAX_TOP_K = 2**31 - 1
+MAX_SEED = 2**63 - 1
 
 
 class EngineError(ValueError):
@@ -133,8 +139,27 @@ class Engine:
             if bad:
                 raise EngineError(f"slot {seq.slot}: token ids {bad[:5]} outside the vocabulary 0..{self.vocab_size - 1}")
             s = seq.sampling
-            if s.temperature < 0 or s.top_k < 0 or not 0.0 < s.top_p <= 1.0:
-                raise EngineError(f"slot {seq.slot}: need temperature >= 0, top_k >= 0, 0 < top_p <= 1, got {s}")
+            if not (math.isfinite(s.temperature) and s.temperature >= 0 and 0 <= s.top_k <= MAX_TOP_K
+                    and 0.0 < s.top_p <= 1.0):
+                raise EngineError(f"slot {seq.slot}: need finite temperature >= 0, 0 <= top_k <= {MAX_TOP_K}, "
+                                  f"0 < top_p <= 1, got {s}")
+            if s.seed is not None and not 0 <= s.seed <= MAX_SEED:
+                raise EngineError(f"slot {seq.slot}: seed {s.seed} is outside 0..{MAX_SEED}")
+        # The plan travels as int64 tensors: build it now, before any rank sees it, so input that
+        # cannot be encoded fails this batch and never the collectives (and so never the group).
+        try:
+            self._plan(batch, False, True, True).encode()
+        except (RuntimeError, OverflowError, TypeError, ValueError) as exc:
+            raise EngineError(f"batch cannot be encoded for the pipeline: {exc}") from None
+
+    def _plan(self, batch: list[SeqInput], want_logits: bool, first: bool, last: bool) -> MicroBatch:
+        return MicroBatch(
+            kind=KIND_STEP, slots=[s.slot for s in batch], start_pos=[s.start_pos for s in batch],
+            lengths=[len(s.tokens) for s in batch], tokens=[list(s.tokens) for s in batch],
+            top_k=[s.sampling.top_k for s in batch], seeds=[s.sampling.seed for s in batch],
+            temperature=[float(s.sampling.temperature) for s in batch], top_p=[float(s.sampling.top_p) for s in batch],
+            want_logits=want_logits, first_of_step=first, last_of_step=last,
+        )
 
     def step(self, batch: list[SeqInput]) -> list[int]:
         """One next token per input, in input order; prefill and decode may mix."""
@@ -174,13 +199,7 @@ class Engine:
         """Run stage 0 on one micro-batch and send it on; `close`: end its bubble window at the compute's end."""
         if self._closed:
             raise EngineError("engine is shut down")
-        mb = MicroBatch(
-            kind=KIND_STEP, slots=[s.slot for s in batch], start_pos=[s.start_pos for s in batch],
-            lengths=[len(s.tokens) for s in batch], tokens=[list(s.tokens) for s in batch],
-            top_k=[s.sampling.top_k for s in batch], seeds=[s.sampling.seed for s in batch],
-            temperature=[float(s.sampling.temperature) for s in batch], top_p=[float(s.sampling.top_p) for s in batch],
-            want_logits=want_logits, first_of_step=first, last_of_step=last,
-        )
+        mb = self._plan(batch, want_logits, first, last)
         ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
         began = time.perf_counter()
         self._io.share_plan(mb)

@@ -1,5 +1,10 @@
 """gRPC front end: `largemodel.v1.Generation/Generate` (server streaming) plus grpc.health.v1.
 
+A GenerateRequest is turned into the same pydantic request model the HTTP API validates
+(CompletionRequest or ChatCompletionRequest), so both front ends accept and refuse exactly the
+same requests; tokenizing runs off the event loop, and messages are capped at the HTTP body
+size. With an API key set, calls need the metadata `authorization: Bearer <key>`.
+
 Stubs are generated from largemodel.proto with grpc_tools at first import into a cache
 directory keyed by the proto's hash (under the temp dir, writable even on a read-only root
 filesystem), so generated code is never committed and never stale.
@@ -8,6 +13,7 @@ filesystem), so generated code is never committed and never stale.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import importlib
 import logging
 import os
@@ -20,10 +26,12 @@ from types import ModuleType
 from typing import Any
 
 import grpc
+import pydantic
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from largemodel.runtime.admission import build_request, encode_chat, encode_text
-from largemodel.runtime.generation import AdmissionError, QueueFullError, UnavailableError
+from largemodel.runtime import protocol as p
+from largemodel.runtime.admission import chat_request, completion_request
+from largemodel.runtime.generation import AdmissionError, GenerationRequest, QueueFullError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +80,12 @@ class GenerationServicer:
     async def Generate(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:  # noqa: N802
         """Stream one message per token chunk; the last carries finish_reason and usage."""
         state = self._state
+        if state.api_key and not _authorized(context, state.api_key):
+            state.count_invalid()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or invalid API key: send metadata 'authorization: Bearer <key>'")
         try:
-            gen = self._to_generation_request(request)
+            gen = await self._to_generation_request(request)
             stream = state.scheduler.submit(gen)
         except QueueFullError as err:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
@@ -97,42 +109,54 @@ class GenerationServicer:
             if not stream.finished:
                 stream.cancel()
 
-    def _to_generation_request(self, request: Any) -> Any:
-        state = self._state
-        if bool(request.prompt) == bool(request.messages):
-            raise AdmissionError("set exactly one of prompt or messages", "prompt")
+    async def _to_generation_request(self, request: Any) -> GenerationRequest:
+        body = to_api_request(request)
+        if isinstance(body, p.CompletionRequest):
+            # gRPC's max_tokens 0 (unset) means "up to the context limit", not the completions default of 16.
+            return await completion_request(self._state, body, default_max_tokens=None)
+        return await chat_request(self._state, body)
+
+
+def to_api_request(request: Any) -> p.CompletionRequest | p.ChatCompletionRequest:
+    """The HTTP API's request model for a GenerateRequest; AdmissionError with HTTP's message when invalid."""
+    if bool(request.prompt) == bool(request.messages):
+        raise AdmissionError("set exactly one of prompt or messages", "prompt")
+    fields: dict[str, Any] = {"ignore_eos": request.ignore_eos}
+    if request.max_tokens:
+        fields["max_tokens"] = request.max_tokens
+    if request.stop:
+        fields["stop"] = list(request.stop)
+    for name in ("temperature", "top_p", "top_k", "seed"):
+        if request.HasField(name):
+            fields[name] = getattr(request, name)
+    try:
         if request.prompt:
-            tokens = encode_text(state.tokenizer, request.prompt, state.max_model_len)
-        else:
-            roles = {"system", "developer", "user", "assistant", "tool"}
-            for m in request.messages:
-                if m.role not in roles:
-                    raise AdmissionError(f"message role {m.role!r} is not one of {sorted(roles)}", "messages")
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            tokens = encode_chat(state.tokenizer, messages, state.max_model_len)
-
-        def opt(name: str) -> Any:
-            return getattr(request, name) if request.HasField(name) else None
-
-        temperature, top_p = opt("temperature"), opt("top_p")
-        if temperature is not None and not 0 <= temperature <= 2:
-            raise AdmissionError("temperature must be between 0 and 2", "temperature")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise AdmissionError("top_p must be in (0, 1]", "top_p")
-        if seed := opt("seed"):
-            seed = min(seed, 2**63 - 1)
-        return build_request(
-            state.scheduler, state.sampling_params, state.defaults, tokens,
-            max_tokens=request.max_tokens or None, temperature=temperature, top_p=top_p,
-            top_k=opt("top_k"), seed=seed, stop=tuple(request.stop), ignore_eos=request.ignore_eos,
-        )
+            return p.CompletionRequest.model_validate({"prompt": request.prompt, **fields})
+        messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        return p.ChatCompletionRequest.model_validate({"messages": messages, **fields})
+    except pydantic.ValidationError as err:
+        message, param = p.validation_message(err.errors())
+        raise AdmissionError(message, param) from None
 
 
-async def start_grpc_server(state: Any, host: str, port: int) -> tuple[grpc.aio.Server, Any]:
+def _authorized(context: grpc.aio.ServicerContext, api_key: str) -> bool:
+    given = dict(context.invocation_metadata() or ()).get("authorization", "")
+    given_bytes = given.encode("latin-1", "replace") if isinstance(given, str) else bytes(given)
+    return hmac.compare_digest(given_bytes, f"Bearer {api_key}".encode())
+
+
+async def start_grpc_server(state: Any, host: str, port: int,
+                            max_message_bytes: int = 4 * 1024 * 1024) -> tuple[grpc.aio.Server, Any]:
     """Bind and start the gRPC server; returns it and its health servicer (SERVING)."""
     pb2, pb2_grpc = load_stubs()
-    # gRPC sets SO_REUSEPORT by default: a second server on a taken port would "start" and steal calls.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=[
+        # gRPC sets SO_REUSEPORT by default: a second server on a taken port would "start" and steal calls.
+        ("grpc.so_reuseport", 0),
+        # The same cap as the HTTP body, so neither front end takes more than the other.
+        ("grpc.max_receive_message_length", max_message_bytes),
+        # A connection with no call in progress is closed after a minute, as idle HTTP ones are sooner.
+        ("grpc.max_connection_idle_ms", 60_000),
+    ])
     pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(state, pb2), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

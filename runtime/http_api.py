@@ -1,12 +1,16 @@
 """The OpenAI-compatible HTTP API: /v1/completions, /v1/chat/completions, /v1/models, probes, metrics.
 
-Every error, validation errors and unknown routes included, is an OpenAI error body
-(`{"error": {"message", "type", "param", "code"}}`); FastAPI serves the OpenAPI document.
+Every error, validation errors, unknown routes and unexpected failures included, is an OpenAI
+error body (`{"error": {"message", "type", "param", "code"}}`) and is counted in
+largemodel_requests_total. The OpenAPI document, /docs and /redoc are served only when asked
+for (`create_app(docs=True)`, env LARGEMODEL_API_DOCS=1). With an API key set, /v1/* needs
+`Authorization: Bearer <key>`; probes and /metrics stay open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import os
@@ -22,13 +26,13 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from largemodel.runtime import protocol as p
-from largemodel.runtime.admission import build_request, encode_chat, encode_text
+from largemodel.runtime.admission import chat_request, completion_request
 from largemodel.runtime.generation import AdmissionError, Chunk, QueueFullError, RequestStream
 
 log = logging.getLogger(__name__)
 
-_ERROR_TYPES = {400: "invalid_request_error", 404: "not_found_error", 405: "invalid_request_error",
-                429: "requests", 503: "service_unavailable"}
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                405: "invalid_request_error", 429: "requests", 503: "service_unavailable"}
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"model": p.ErrorResponse, "description": why}
     for code, why in ((400, "Invalid request"), (404, "Unknown model"), (429, "Queue full; see Retry-After"),
@@ -47,7 +51,14 @@ def error_response(status: int, message: str, param: str | None = None, code: st
     """An OpenAI error body with `status`."""
     kind = _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
     body = p.ErrorResponse(error=p.ErrorDetail(message=message, type=kind, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return _AsciiJSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class _AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: a message quoting bad input (a lone surrogate) still encodes."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
 
 
 def _admission_error(state: Any, err: AdmissionError) -> JSONResponse:
@@ -59,40 +70,47 @@ def _admission_error(state: Any, err: AdmissionError) -> JSONResponse:
     return error_response(err.status, str(err), param=err.param, code=err.code)
 
 
-def _is_union_tag(part: object) -> bool:
-    # pydantic names union branches in error locations ("constrained-str", "list[constrained-int]").
-    return isinstance(part, str) and ("[" in part or "-" in part or part in {"str", "int", "float", "bool"})
-
-
-def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    by_loc: dict[str, list[str]] = {}
-    for item in exc.errors():
-        if item.get("type") == "json_invalid":
-            return f"the request body is not valid JSON: {item.get('ctx', {}).get('error', 'parse error')}", None
-        loc = [str(x) for x in item.get("loc", ()) if x != "body" and not _is_union_tag(x)]
-        msg = str(item.get("msg", "invalid")).removeprefix("Value error, ")
-        messages = by_loc.setdefault(".".join(loc) or "body", [])
-        if msg not in messages:
-            messages.append(msg)
-    param = next(iter(by_loc), None)
-    text = "; ".join(f"{loc}: {' or '.join(msgs)}" for loc, msgs in by_loc.items())
-    return text or "invalid request body", None if param == "body" else (param or "").split(".")[0] or None
-
-
-def create_app(state: Any) -> FastAPI:
-    """The FastAPI application over a ServingState."""
+def create_app(state: Any, docs: bool = False) -> FastAPI:
+    """The FastAPI application over a ServingState; `docs` serves /docs, /redoc and /openapi.json."""
     app = FastAPI(title="largemodel", version="0.1.0",
-                  description="OpenAI-compatible API of a largemodel rank group.")
+                  description="OpenAI-compatible API of a largemodel rank group.",
+                  docs_url="/docs" if docs else None, redoc_url="/redoc" if docs else None,
+                  openapi_url="/openapi.json" if docs else None)
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         state.count_invalid()
-        message, param = _validation_message(exc)
+        message, param = p.validation_message(exc.errors())
         return error_response(400, message, param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code >= 500:
+            state.count_error()
+        elif exc.status_code >= 400:
+            state.count_invalid()
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: still an OpenAI error body, counted, and logged with its traceback.
+        state.count_error()
+        log.error("request.failed path=%s error=%r", request.url.path, exc, exc_info=exc)
+        return error_response(500, "the server failed to handle this request", code="internal_error")
+
+    api_key = getattr(state, "api_key", None)
+    if api_key:
+        expected = f"Bearer {api_key}".encode()
+
+        @app.middleware("http")
+        async def _authenticate(request: Request, call_next: Any) -> Response:
+            if request.url.path.startswith("/v1/"):
+                given = request.headers.get("authorization", "").encode("latin-1", "replace")
+                if not hmac.compare_digest(given, expected):
+                    state.count_invalid()
+                    return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                          code="invalid_api_key")
+            return await call_next(request)
 
     @app.get("/healthz", tags=["probes"], responses={503: _ERROR_RESPONSES[503]})
     async def healthz() -> JSONResponse:
@@ -141,11 +159,7 @@ def create_app(state: Any) -> FastAPI:
         """Complete a prompt; `stream: true` answers with server-sent events."""
         try:
             _check_model(state, body.model)
-            prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
-            tokens = (encode_text(state.tokenizer, prompt, state.max_model_len) if isinstance(prompt, str)
-                      else [int(t) for t in prompt])
-            limit = body.max_tokens if body.max_tokens is not None else p.COMPLETION_DEFAULT_MAX_TOKENS
-            stream = _submit(state, body, tokens, limit)
+            stream = state.scheduler.submit(await completion_request(state, body))
         except AdmissionError as err:
             return _admission_error(state, err)
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -166,9 +180,7 @@ def create_app(state: Any) -> FastAPI:
         """Answer a conversation rendered with the model's chat template; `stream: true` uses SSE."""
         try:
             _check_model(state, body.model)
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            tokens = encode_chat(state.tokenizer, messages, state.max_model_len)
-            stream = _submit(state, body, tokens, body.token_limit(), "messages")
+            stream = state.scheduler.submit(await chat_request(state, body))
         except AdmissionError as err:
             return _admission_error(state, err)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -214,17 +226,6 @@ def _check_model(state: Any, model: str | None) -> None:
     if model not in (None, "", state.model_name):
         raise ModelNotFoundError(f"model {model!r} does not exist here; this server serves {state.model_name!r} "
                                  "(see /v1/models)", "model")
-
-
-def _submit(state: Any, body: p._SamplingFields, tokens: list[int], max_tokens: int | None,
-            prompt_param: str = "prompt") -> RequestStream:
-    request = build_request(
-        state.scheduler, state.sampling_params, state.defaults, tokens,
-        max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
-        seed=body.seed, stop=body.stop_strings(), stop_token_ids=tuple(body.stop_token_ids or ()),
-        ignore_eos=body.ignore_eos, vocab_size=state.vocab_size, prompt_param=prompt_param,
-    )
-    return state.scheduler.submit(request)
 
 
 async def _collect(stream: RequestStream) -> tuple[str, Chunk]:

@@ -8,13 +8,60 @@ clients send newer fields (`store`, `metadata`, ...) that do not change generati
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 # Stop strings: OpenAI allows 4; a few more cost nothing and help prompt formats with many turns.
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+# Every number that reaches the engine is bounded here, so nothing the engine encodes can overflow
+# (issue 14: top_k = 2**63 overflowed the int64 step plan and stopped the group).
+MAX_INT32 = 2**31 - 1
+MAX_SEED = 2**63 - 1
+# Bounds on how much work one request can ask of the event loop before it is refused; the body
+# itself is capped by the server (ServerSettings.max_body_bytes) before it is parsed.
+MAX_MESSAGES = 2048
+MAX_CONTENT_PARTS = 256
+MAX_PROMPT_TOKEN_IDS = 131072
+MAX_NAME_LENGTH = 256
+
+
+def _valid_unicode(value: str) -> str:
+    # JSON may escape lone surrogates ("\ud800"); no tokenizer (and no UTF-8 answer) can carry them.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"contains a lone surrogate at position {err.start}; text must be valid Unicode") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+Name = Annotated[str, Field(max_length=MAX_NAME_LENGTH), AfterValidator(_valid_unicode)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH), AfterValidator(_valid_unicode)]
+
+
+def _is_union_tag(part: object) -> bool:
+    # pydantic names union branches in error locations ("constrained-str", "list[constrained-int]").
+    return isinstance(part, str) and ("[" in part or "-" in part or part in {"str", "int", "float", "bool"})
+
+
+def validation_message(errors: Iterable[Mapping[str, Any]]) -> tuple[str, str | None]:
+    """(message, param) of pydantic validation errors, as HTTP and gRPC both report them."""
+    by_loc: dict[str, list[str]] = {}
+    for item in errors:
+        if item.get("type") == "json_invalid":
+            return f"the request body is not valid JSON: {item.get('ctx', {}).get('error', 'parse error')}", None
+        loc = [str(x) for x in item.get("loc", ()) if x != "body" and not _is_union_tag(x)]
+        msg = str(item.get("msg", "invalid")).removeprefix("Value error, ")
+        messages = by_loc.setdefault(".".join(loc) or "body", [])
+        if msg not in messages:
+            messages.append(msg)
+    param = next(iter(by_loc), None)
+    text = "; ".join(f"{loc}: {' or '.join(msgs)}" for loc, msgs in by_loc.items())
+    return text or "invalid request body", None if param == "body" else (param or "").split(".")[0] or None
 
 
 class _Body(BaseModel):
@@ -31,29 +78,29 @@ class StreamOptions(_Body):
 class _SamplingFields(_Body):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
-    model: str | None = Field(default=None, description="Served model id (see /v1/models); optional.")
+    model: Name | None = Field(default=None, description="Served model id (see /v1/models); optional.")
     max_tokens: int | None = Field(
-        default=None, ge=1,
+        default=None, ge=1, le=MAX_INT32,
         description="Tokens to generate at most; default 16 for completions (as OpenAI), the rest of the context for chat.",
     )
     temperature: float | None = Field(default=None, ge=0, le=2, description="0 = greedy.")
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1, description="Extension: keep the k most likely tokens; 0/-1 = all.")
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    top_k: int | None = Field(default=None, ge=-1, le=MAX_INT32,
+                              description="Extension: keep the k most likely tokens; 0/-1 = all.")
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     n: int = Field(default=1, ge=1, le=1, description="Only one choice per request is supported.")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    stop: Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)] | list[
-        Annotated[str, Field(min_length=1, max_length=MAX_STOP_LENGTH)]
-    ] | None = Field(default=None, description="Up to 16 strings; generation stops before the first one.")
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
+    stop: StopString | list[StopString] | None = Field(
+        default=None, description="Up to 16 strings; generation stops before the first one.")
+    stop_token_ids: list[TokenId] | None = Field(
         default=None, max_length=64, description="Extension: token ids that end generation."
     )
     ignore_eos: bool = Field(default=False, description="Extension: keep generating past end-of-sequence.")
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Name | None = None
 
     @model_validator(mode="after")
     def _check_supported(self) -> _SamplingFields:
@@ -84,7 +131,9 @@ COMPLETION_DEFAULT_MAX_TOKENS = 16
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
-    prompt: Annotated[str, Field(min_length=1)] | list[Annotated[int, Field(ge=0)]] | list[str] = Field(
+    prompt: Annotated[Text, Field(min_length=1)] | Annotated[
+        list[TokenId], Field(max_length=MAX_PROMPT_TOKEN_IDS)
+    ] | list[Text] = Field(
         description="Text, or a list of token ids; a list of one string is accepted too."
     )
     echo: bool = False
@@ -108,15 +157,15 @@ class TextPart(_Body):
     """One `{"type": "text", "text": ...}` part of a message's content."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Body):
     """One message of a conversation."""
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
-    name: str | None = None
+    content: Text | Annotated[list[TextPart], Field(max_length=MAX_CONTENT_PARTS)] | None = None
+    name: Name | None = None
 
     def text(self) -> str:
         """The content as plain text (text parts joined)."""
@@ -130,8 +179,8 @@ class ChatMessage(_Body):
 class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_INT32)
     logprobs: bool | None = Field(default=None, description="Not supported; omit it or send false.")
     tools: list[dict[str, Any]] | None = None
 

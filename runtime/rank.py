@@ -75,7 +75,10 @@ def serve_pod_metrics(port: int, host: str, readiness: PodReadiness | None = Non
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - scrapes are not news
             return
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    from largemodel.runtime.httpguard import GuardedHTTPServer
+
+    # Timeouts and a connection cap: a scanner or a slow client must not pin handler threads.
+    server = GuardedHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="pod-metrics", daemon=True).start()
     log.info("event=metrics_listening host=%s port=%d", host, port)
     return server
@@ -107,7 +110,8 @@ def run_rank(local_rank: int, environ: dict[str, str]) -> int:
     max_len = int(environ.get(envcontract.MAX_MODEL_LEN) or DEFAULT_MAX_MODEL_LEN)
     try:
         model_dir = resolve_model_dir(env.model_uri)
-        ctx = init_distributed(rank, env.world_size, env.tp, env.pp, env.master_addr, env.master_port)
+        ctx = init_distributed(rank, env.world_size, env.tp, env.pp, env.master_addr, env.master_port,
+                               bind_host=envcontract.rank_bind_host(environ))
         metrics.RANK_INFO.labels(rank=str(rank), tp_rank=str(ctx.tp_rank), pp_rank=str(ctx.pp_rank), tp=str(env.tp),
                                  pp=str(env.pp), group=str(env.group_index), backend=ctx.backend,
                                  engine=env.engine).set(1)

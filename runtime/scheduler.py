@@ -168,6 +168,7 @@ class Scheduler:
         self.check_lengths(len(request.prompt_tokens), request.max_tokens)
         if request.max_tokens < 1:
             raise AdmissionError("max_tokens must be at least 1", "max_tokens")
+        self._check_input(request)
         stream = RequestStream(asyncio.get_running_loop(), len(request.prompt_tokens))
         seq = _Sequence(
             request=request,
@@ -189,6 +190,17 @@ class Scheduler:
             metrics.REQUESTS_WAITING.set(len(self._waiting))
             self._cond.notify()
         return stream
+
+    def _check_input(self, request: GenerationRequest) -> None:
+        """Ask the engine whether it can run this request at all, so a bad one never joins a batch."""
+        validate = getattr(self.engine, "validate", None)
+        if validate is None:
+            return
+        probe = self._seq_input(slot=0, tokens=list(request.prompt_tokens), start_pos=0, sampling=request.sampling)
+        try:
+            validate([probe])
+        except self._input_errors as exc:
+            raise AdmissionError(f"the engine cannot run this request: {exc}") from None
 
     def begin_drain(self) -> None:
         """Stop admitting; admitted requests run to completion."""

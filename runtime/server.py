@@ -16,7 +16,8 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Generator, Mapping
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,14 @@ import uvicorn
 
 from largemodel import envcontract, metrics
 from largemodel.runtime.admission import SamplingDefaults, load_sampling_defaults
+from largemodel.runtime.httpguard import (
+    BODY_TIMEOUT_S,
+    DEFAULT_MAX_BODY_BYTES,
+    HEADER_TIMEOUT_S,
+    KEEP_ALIVE_S,
+    BodyGuard,
+    TimedH11Protocol,
+)
 from largemodel.runtime.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -32,6 +41,11 @@ log = logging.getLogger(__name__)
 DRAIN_GRACE_ENV = "DRAIN_GRACE_SECONDS"  # how long SIGTERM waits for admitted requests
 BIND_HOST_ENV = "BIND_HOST"  # 0.0.0.0 in pods; `largemodel run` binds 127.0.0.1
 DEFAULT_DRAIN_GRACE_S = 30.0
+API_DOCS_ENV = "LARGEMODEL_API_DOCS"  # "1": serve /docs, /redoc and /openapi.json (off by default)
+MAX_BODY_ENV = "LARGEMODEL_MAX_BODY_BYTES"  # HTTP body and gRPC message size cap
+API_KEY_FILE_ENV = "API_KEY_FILE"  # a file holding the bearer token clients must send (off when unset)
+HEADER_TIMEOUT_ENV = "LARGEMODEL_HTTP_HEADER_TIMEOUT_S"  # connect (or last response) to a complete request head
+BODY_TIMEOUT_ENV = "LARGEMODEL_HTTP_BODY_TIMEOUT_S"  # request head to complete body
 
 
 @dataclass
@@ -48,6 +62,12 @@ class ServingState:
     created: int
     stopping: bool = False
     listening: bool = False
+    # Tokenizing and chat templating run here, off the event loop (admission.off_loop).
+    tokenizer_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize"))
+    tokenizing: int = 0
+    max_tokenizing: int = 256
+    api_key: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -57,6 +77,10 @@ class ServingState:
     def count_invalid(self) -> None:
         """Count a request refused as bad input."""
         metrics.REQUESTS.labels(status=metrics.STATUS_INVALID).inc()
+
+    def count_error(self) -> None:
+        """Count a request that failed inside the server."""
+        metrics.REQUESTS.labels(status=metrics.STATUS_ERROR).inc()
 
 
 @dataclass(frozen=True)
@@ -69,6 +93,11 @@ class ServerSettings:
     max_queue: int
     model_name: str
     drain_grace_s: float
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    api_docs: bool = False
+    api_key: str | None = None
+    header_timeout_s: float = HEADER_TIMEOUT_S
+    body_timeout_s: float = BODY_TIMEOUT_S
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], model_dir: Path) -> ServerSettings:
@@ -91,7 +120,27 @@ class ServerSettings:
             max_queue=int(number(envcontract.MAX_QUEUE, 256)),
             model_name=environ.get(envcontract.MODEL_NAME, "") or model_dir.name,
             drain_grace_s=number(DRAIN_GRACE_ENV, DEFAULT_DRAIN_GRACE_S),
+            max_body_bytes=int(number(MAX_BODY_ENV, DEFAULT_MAX_BODY_BYTES, 1024)),
+            api_docs=environ.get(API_DOCS_ENV, "").strip().lower() in ("1", "true", "yes"),
+            api_key=_read_api_key(environ),
+            header_timeout_s=number(HEADER_TIMEOUT_ENV, HEADER_TIMEOUT_S, 0.1),
+            body_timeout_s=number(BODY_TIMEOUT_ENV, BODY_TIMEOUT_S, 0.1),
         )
+
+
+def _read_api_key(environ: Mapping[str, str]) -> str | None:
+    """The bearer token of API_KEY_FILE (the mounted spec.serving.apiKeySecret); None when unset."""
+    path = environ.get(API_KEY_FILE_ENV, "").strip()
+    if not path:
+        return None
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as err:
+        raise envcontract.EnvContractError(f"environment variable {API_KEY_FILE_ENV}: cannot read the API key "
+                                           f"({err.strerror})") from None
+    if not key:
+        raise envcontract.EnvContractError(f"environment variable {API_KEY_FILE_ENV}: the API key file is empty")
+    return key
 
 
 class _Server(uvicorn.Server):
@@ -145,12 +194,15 @@ def run_server(engine: Any, model_dir: Path, environ: Mapping[str, str],
         sampling_params=SamplingParams,
         defaults=load_sampling_defaults(Path(model_dir)),
         created=int(time.time()),
+        max_tokenizing=max(64, settings.max_queue),
+        api_key=settings.api_key,
     )
     if publish_ready is not None:
         publish_ready(lambda: state.ready)
     try:
         return asyncio.run(_serve(state, settings))
     finally:
+        state.tokenizer_pool.shutdown(wait=False, cancel_futures=True)
         scheduler.stop()
         log.info("server.engine_shutdown")
         engine.shutdown()
@@ -175,14 +227,20 @@ async def _serve(state: ServingState, settings: ServerSettings) -> int:
         log.error("server.bind_failed kind=http address=%s:%d error=%s", settings.host, settings.http_port, err)
         return 1
     try:
-        grpc_server, health_servicer = await start_grpc_server(state, settings.host, settings.grpc_port)
+        grpc_server, health_servicer = await start_grpc_server(state, settings.host, settings.grpc_port,
+                                                               settings.max_body_bytes)
     except RuntimeError as err:
         log.error("server.bind_failed kind=grpc address=%s:%d error=%s", settings.host, settings.grpc_port, err)
         http_socket.close()
         return 1
+    app = BodyGuard(create_app(state, docs=settings.api_docs), settings.max_body_bytes, settings.body_timeout_s,
+                    on_refused=lambda status: state.count_invalid())
+    protocol = type("HTTPProtocol", (TimedH11Protocol,), {"header_timeout_s": settings.header_timeout_s})
     config = uvicorn.Config(
-        create_app(state), lifespan="off", access_log=False, log_level="warning",
+        app, lifespan="off", access_log=False, log_level="warning",
         timeout_graceful_shutdown=5, log_config=None,
+        # Bounded reads: idle keep-alive, the request head (TimedH11Protocol) and the body (BodyGuard).
+        http=protocol, timeout_keep_alive=KEEP_ALIVE_S, h11_max_incomplete_event_size=64 * 1024,
     )
     http = _Server(config)
     http_task = asyncio.create_task(http.serve(sockets=[http_socket]))

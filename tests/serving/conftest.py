@@ -24,7 +24,12 @@ def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     lm_file = write_largemodel(tmp / "tiny.yaml", "tiny", tiny_model)
     # One micro-batch token is enough to open a lane: the API tests then run with two lanes in the
     # pipeline at once (stages overlapping across steps), the path pp on separate GPUs takes.
-    running = start_run(lm_file, tmp / "run.log", env={"LARGEMODEL_MIN_MICRO_BATCH_TOKENS": "1"})
+    # The OpenAPI document is off by default; the schemathesis test reads it, so this server opts in.
+    # Short read timeouts let the hardening tests watch slow clients being cut off in seconds.
+    running = start_run(lm_file, tmp / "run.log", env={
+        "LARGEMODEL_MIN_MICRO_BATCH_TOKENS": "1", "LARGEMODEL_API_DOCS": "1",
+        "LARGEMODEL_HTTP_HEADER_TIMEOUT_S": "2", "LARGEMODEL_HTTP_BODY_TIMEOUT_S": "2",
+    })
     try:
         yield running
     finally:
