@@ -16,6 +16,7 @@ class Observed:
     statefulsets: Sequence[Obj] = ()
     services: Sequence[Obj] = ()
     pods: Sequence[Obj] = ()
+    networkpolicies: Sequence[Obj] = ()
 
 
 @dataclass(frozen=True)

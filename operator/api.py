@@ -141,8 +141,39 @@ class Gpu(_Spec):
     memory_gib: float = Field(default=80, alias="memoryGiB", gt=0)
 
 
+class NetworkPeer(_Spec):
+    """Clients allowed to reach the API ports: pods by labels (in namespaces by labels), or a CIDR."""
+
+    pod_selector: dict[str, str] | None = Field(
+        default=None, alias="podSelector",
+        description="matchLabels of client pods (in this namespace unless namespaceSelector is set too).")
+    namespace_selector: dict[str, str] | None = Field(
+        default=None, alias="namespaceSelector", description="matchLabels of namespaces whose pods may connect.")
+    cidr: str | None = Field(default=None, max_length=64, description="An IP block, e.g. 10.0.0.0/8.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra=_cel(
+            ("has(self.podSelector) || has(self.namespaceSelector) || has(self.cidr)",
+             "serving.allowFrom: each entry needs podSelector, namespaceSelector or cidr"),
+            ("!has(self.cidr) || !(has(self.podSelector) || has(self.namespaceSelector))",
+             "serving.allowFrom: cidr cannot be combined with podSelector or namespaceSelector"),
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> NetworkPeer:
+        # Mirrors the CEL rule: an empty peer would silently admit everyone.
+        if self.pod_selector is None and self.namespace_selector is None and self.cidr is None:
+            raise ValueError("serving.allowFrom: each entry needs podSelector, namespaceSelector or cidr")
+        if self.cidr is not None and (self.pod_selector is not None or self.namespace_selector is not None):
+            raise ValueError("serving.allowFrom: cidr cannot be combined with podSelector or namespaceSelector")
+        return self
+
+
 class Serving(_Spec):
-    """Ports and admission limits of the serving rank."""
+    """Ports, admission limits and exposure of the serving rank."""
 
     http_port: int = Field(default=8000, alias="httpPort", ge=1, le=65535)
     grpc_port: int = Field(default=9000, alias="grpcPort", ge=1, le=65535)
@@ -150,6 +181,18 @@ class Serving(_Spec):
     max_batch_size: int = Field(default=64, alias="maxBatchSize", ge=1)
     max_queue: int = Field(default=256, alias="maxQueue", ge=0)
     max_model_len: int = Field(default=8192, alias="maxModelLen", ge=1)
+    api_key_secret: str = Field(
+        default="", alias="apiKeySecret", max_length=253,
+        description="Name of a Secret in this namespace whose key `apiKey` is the bearer token every "
+                    "/v1 request (HTTP Authorization header, gRPC `authorization` metadata) must carry; "
+                    "empty: no API authentication.")
+    allow_from: list[NetworkPeer] = Field(
+        default_factory=list, alias="allowFrom", max_length=32,
+        description="Who may reach the HTTP and gRPC ports (NetworkPolicy peers); empty: anyone. Rank "
+                    "ports admit only this LargeModel's own pods whatever this says.")
+    network_policy: bool = Field(
+        default=True, alias="networkPolicy",
+        description="Create a NetworkPolicy for the rank pods (rank ports from the group's own pods only).")
 
     model_config = ConfigDict(
         extra="forbid",

@@ -39,12 +39,18 @@ HF_CACHE_CLAIM_ANNOTATION = "serving.largemodel.io/hf-cache-claim"
 CONTAINER_NAME = "rank"
 RUN_AS_USER = 1000
 # Bump when the builders change the pod template in a way the spec does not show, so groups roll.
-TEMPLATE_SCHEMA = 1
+TEMPLATE_SCHEMA = 2  # 2: rank ports bind POD_IP, the group secret is mounted (issue 14)
+GROUP_SECRET_MODE = 0o440  # read-only for the pod's user and fsGroup
 
 
 def group_name(name: str, group: int) -> str:
     """StatefulSet name of rank group `group`."""
     return f"{name}-g{group}"
+
+
+def group_secret_name(name: str) -> str:
+    """Secret holding the key the stage supervisors of every group authenticate each other with."""
+    return f"{name}-group-secret"
 
 
 def ranks_service_name(name: str) -> str:
@@ -103,7 +109,8 @@ def template_revision(lm: api.LargeModel, plan: Plan) -> str:
         "engine": spec.engine,
         "model": spec.model.model_dump(mode="json", by_alias=True),
         "layout": [plan.tp, plan.pp, plan.micro_batches],
-        "serving": spec.serving.model_dump(mode="json", by_alias=True),
+        # Who may connect (the NetworkPolicy) does not shape pods: editing it must not roll groups.
+        "serving": spec.serving.model_dump(mode="json", by_alias=True, exclude={"allow_from", "network_policy"}),
         "gpu": spec.gpu.resource,
         "placement": spec.placement.model_dump(mode="json", by_alias=True),
         "hfCache": lm.metadata.annotations.get(HF_CACHE_CLAIM_ANNOTATION, ""),
@@ -136,6 +143,12 @@ def group_env(lm: api.LargeModel, plan: Plan, group: int) -> list[dict[str, Any]
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in contract.as_env().items()]
     for var in (envcontract.NODE_RANK, envcontract.LWS_WORKER_INDEX):
         env.append({"name": var, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}})
+    # Rank-to-rank ports (rendezvous, liveness) bind the pod IP only; peers prove the group secret.
+    env.append({"name": envcontract.POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+    env.append({"name": envcontract.GROUP_SECRET_FILE,
+                "value": f"{envcontract.GROUP_SECRET_MOUNT}/{envcontract.GROUP_SECRET_KEY}"})
+    if spec.serving.api_key_secret:
+        env.append({"name": envcontract.API_KEY_FILE, "value": f"{envcontract.API_KEY_MOUNT}/{envcontract.API_KEY_KEY}"})
     return env
 
 
@@ -150,6 +163,14 @@ def _volumes(lm: api.LargeModel) -> tuple[list[dict[str, Any]], list[dict[str, A
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
+    volumes.append({"name": "group-secret", "secret": {"secretName": group_secret_name(lm.metadata.name),
+                                                       "defaultMode": GROUP_SECRET_MODE}})
+    mounts.append({"name": "group-secret", "mountPath": envcontract.GROUP_SECRET_MOUNT, "readOnly": True})
+    if lm.spec.serving.api_key_secret:
+        volumes.append({"name": "api-key", "secret": {
+            "secretName": lm.spec.serving.api_key_secret, "defaultMode": GROUP_SECRET_MODE,
+            "items": [{"key": envcontract.API_KEY_KEY, "path": envcontract.API_KEY_KEY}]}})
+        mounts.append({"name": "api-key", "mountPath": envcontract.API_KEY_MOUNT, "readOnly": True})
     claim = pvc_claim(lm.spec.model.uri)
     hf_claim = lm.metadata.annotations.get(HF_CACHE_CLAIM_ANNOTATION)
     if claim:
@@ -313,10 +334,65 @@ def build_client_service(lm: api.LargeModel) -> dict[str, Any]:
     }
 
 
+def build_group_secret(lm: api.LargeModel, value: str) -> dict[str, Any]:
+    """Secret `NAME-group-secret`: the key every group's stage supervisors authenticate with.
+
+    The operator creates it (with a fresh random `value`) before the first group and never reads
+    it back; pods mount it. Deleting the LargeModel deletes it (ownerReference).
+    """
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _metadata(lm, group_secret_name(lm.metadata.name), {}),
+        "type": "Opaque",
+        "stringData": {envcontract.GROUP_SECRET_KEY: value},
+    }
+
+
+def build_network_policy(lm: api.LargeModel) -> dict[str, Any]:
+    """NetworkPolicy `NAME`: rank pods take rank traffic only from this LargeModel's own pods.
+
+    Rendezvous, liveness and the p2p ports (gloo and NCCL pick these at random) are open to the
+    LargeModel's pods only; HTTP and gRPC to spec.serving.allowFrom (anyone when empty); the
+    metrics port to anyone (Prometheus, probes). Egress is not restricted.
+    """
+    serving = lm.spec.serving
+    peers: list[dict[str, Any]] = []
+    for peer in serving.allow_from:
+        item: dict[str, Any] = {}
+        if peer.pod_selector is not None:
+            item["podSelector"] = {"matchLabels": dict(peer.pod_selector)}
+        if peer.namespace_selector is not None:
+            item["namespaceSelector"] = {"matchLabels": dict(peer.namespace_selector)}
+        if peer.cidr is not None:
+            item["ipBlock"] = {"cidr": peer.cidr}
+        peers.append(item)
+    api_rule: dict[str, Any] = {"ports": [{"protocol": "TCP", "port": serving.http_port},
+                                          {"protocol": "TCP", "port": serving.grpc_port}]}
+    if peers:
+        api_rule["from"] = peers
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(lm, lm.metadata.name, {}),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(lm)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {"from": [{"podSelector": {"matchLabels": selector_labels(lm)}}]},
+                api_rule,
+                {"ports": [{"protocol": "TCP", "port": serving.metrics_port}]},
+            ],
+        },
+    }
+
+
 def build_children(lm: api.LargeModel, plan: Plan, revision: str) -> list[dict[str, Any]]:
-    """Every child of `lm`: the group StatefulSets, then the ranks and client Services."""
+    """Every child of `lm` but the group Secret: the group StatefulSets, the ranks and client Services,
+    and the NetworkPolicy (unless spec.serving.networkPolicy is false)."""
     groups = [build_group_statefulset(lm, plan, g, revision) for g in range(lm.spec.replicas)]
-    return [*groups, build_ranks_service(lm), build_client_service(lm)]
+    policy = [build_network_policy(lm)] if lm.spec.serving.network_policy else []
+    return [*groups, build_ranks_service(lm), build_client_service(lm), *policy]
 
 
 def endpoint(lm: api.LargeModel) -> str:

@@ -153,12 +153,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def render_children(lm: api.LargeModel) -> list[dict[str, Any]]:
-    """The children the operator would create for `lm`."""
-    from largemodel.operator.builders import build_children, template_revision
+    """The children the operator would create for `lm`, the group Secret (a fresh random key) first."""
+    import secrets
+
+    from largemodel.operator.builders import build_children, build_group_secret, template_revision
     from largemodel.operator.planner import plan_parallelism
 
     plan = plan_parallelism(lm.spec)
-    return build_children(lm, plan, template_revision(lm, plan))
+    return [build_group_secret(lm, secrets.token_hex(32)), *build_children(lm, plan, template_revision(lm, plan))]
 
 
 def cmd_render(args: argparse.Namespace) -> int:

@@ -128,7 +128,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.networking.request_timeout = 60
     settings.watching.server_timeout = 300
     # Only our children and their pods: the API server filters, so other workloads cost nothing.
-    for plural in ("statefulsets", "services", "pods"):
+    for plural in ("statefulsets", "services", "pods", "networkpolicies"):
         settings.watching.label_selectors[plural] = LABEL_NAME
     settings.watching.client_timeout = 330
     log.info("operator starting field_manager=%s resync_seconds=%s", config.field_manager, config.resync_seconds)
@@ -165,6 +165,7 @@ async def model_changed(namespace: str | None, name: str | None, **_: Any) -> No
 @kopf.on.event("apps", "v1", "statefulsets", labels={LABEL_NAME: kopf.PRESENT})
 @kopf.on.event("", "v1", "services", labels={LABEL_NAME: kopf.PRESENT})
 @kopf.on.event("", "v1", "pods", labels={LABEL_NAME: kopf.PRESENT})
+@kopf.on.event("networking.k8s.io", "v1", "networkpolicies", labels={LABEL_NAME: kopf.PRESENT})
 async def child_changed(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
     """A child or pod of a LargeModel changed: wake the owner's daemon."""
     _wake(namespace, labels.get(LABEL_NAME))

@@ -26,7 +26,8 @@ USER_AGENT = "largemodel-operator/0.1"
 # user error and would fail the same way again.
 TRANSIENT_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
 
-_PLURALS = {"StatefulSet": "statefulsets", "Service": "services", "Pod": "pods", api.KIND: api.PLURAL}
+_PLURALS = {"StatefulSet": "statefulsets", "Service": "services", "Pod": "pods", "Secret": "secrets",
+            "NetworkPolicy": "networkpolicies", api.KIND: api.PLURAL}
 
 
 class ApiError(Exception):

@@ -19,7 +19,7 @@ from largemodel import metrics
 from largemodel.operator import api
 from largemodel.operator.actions import Create, Delete, Event, Observed, Patch, Result
 from largemodel.operator.builders import LABEL_NAME
-from largemodel.operator.kubeclient import KubeClient, resource_path
+from largemodel.operator.kubeclient import ApiError, KubeClient, resource_path
 from largemodel.operator.reconcile import reconcile
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,15 @@ EventSink = Callable[[dict[str, Any], Event], None]
 
 
 async def observe(client: KubeClient, namespace: str, name: str) -> Observed:
-    """List the children of LargeModel `name` (StatefulSets, Services, pods) by its name label."""
+    """List the children of LargeModel `name` (StatefulSets, Services, pods, NetworkPolicies) by its name label."""
     selector = f"{LABEL_NAME}={name}"
-    statefulsets, services, pods = await asyncio.gather(
+    statefulsets, services, pods, policies = await asyncio.gather(
         client.list(resource_path("apps/v1", "StatefulSet", namespace), selector),
         client.list(resource_path("v1", "Service", namespace), selector),
         client.list(resource_path("v1", "Pod", namespace), selector),
+        client.list(resource_path("networking.k8s.io/v1", "NetworkPolicy", namespace), selector),
     )
-    return Observed(statefulsets=statefulsets, services=services, pods=pods)
+    return Observed(statefulsets=statefulsets, services=services, pods=pods, networkpolicies=policies)
 
 
 async def execute(client: KubeClient, body: dict[str, Any], result: Result) -> None:
@@ -52,7 +53,13 @@ async def execute(client: KubeClient, body: dict[str, Any], result: Result) -> N
             await client.delete(resource_path(action.api_version, action.kind, namespace, action.name), action.uid)
         elif isinstance(action, Create):
             obj = action.obj
-            await client.create(resource_path(obj["apiVersion"], obj["kind"], namespace), obj)
+            try:
+                await client.create(resource_path(obj["apiVersion"], obj["kind"], namespace), obj)
+            except ApiError as err:
+                # The group Secret is created blind (the operator may not read Secrets): one that
+                # exists already keeps its key, which running groups share.
+                if not (obj["kind"] == "Secret" and err.status == 409):
+                    raise
         elif isinstance(action, Patch):
             await client.patch(resource_path(action.api_version, action.kind, namespace, action.name), action.patch)
     if result.status is not None:

@@ -35,6 +35,14 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     # create: an Event for every decision a user would want to see (kopf posts them).
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]},
+    # create only: the group Secret (the key a group's stage supervisors authenticate with) is
+    # created before a group starts; the operator never reads, lists or changes a Secret
+    # (AlreadyExists means it is there), and garbage collection deletes it with its LargeModel.
+    {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+    # list/watch: the LargeModel's NetworkPolicy; create when missing, patch back drift, delete
+    # when spec.serving.networkPolicy turns false.
+    {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
+     "verbs": ["list", "watch", "create", "patch", "delete"]},
 ]
 
 

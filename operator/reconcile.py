@@ -6,7 +6,12 @@ API server; handlers.py runs the result. The rules (DESIGN section 3):
 
 - Invalid spec (schema or planner): Admitted=False with the message, an Event, phase Failed, and
   no writes to children: a new resource gets none, an edited one keeps serving what it has.
-- Services are created when missing and patched only when a field we set differs.
+- Services and the NetworkPolicy are created when missing and patched only when a field we set
+  differs; the NetworkPolicy is deleted when spec.serving.networkPolicy turns false.
+- The group Secret (the key stage supervisors authenticate each other with) is created with a
+  fresh random value in every pass that creates a group StatefulSet, before it; the operator
+  cannot read Secrets, so when it exists already the create's AlreadyExists is the answer
+  (passes.py) and the existing key stays.
 - Group StatefulSets are compared by revision label only (the hash of everything that shapes
   the pod template): the API server fills defaults and normalises quantities, so a field-wise
   diff of a pod template would never settle. A group at another revision is recreated: not-Ready
@@ -24,6 +29,7 @@ API server; handlers.py runs the result. The rules (DESIGN section 3):
 from __future__ import annotations
 
 import datetime
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +40,9 @@ from largemodel.operator import api, conditions
 from largemodel.operator.actions import Action, Create, Delete, Event, Observed, Patch, Result
 from largemodel.operator.builders import (
     build_client_service,
+    build_group_secret,
     build_group_statefulset,
+    build_network_policy,
     build_ranks_service,
     endpoint,
     group_name,
@@ -86,16 +94,34 @@ def _contains(observed: Any, desired: Any) -> bool:
 
 
 def _service_actions(desired: dict[str, Any], observed: Sequence[Obj]) -> tuple[list[Action], list[Event]]:
-    name = desired["metadata"]["name"]
+    """Create a Service or NetworkPolicy when missing; patch back the fields we set when they drifted."""
+    name, kind = desired["metadata"]["name"], desired["kind"]
     current = next((s for s in observed if s.get("metadata", {}).get("name") == name), None)
     if current is None:
-        return [Create(desired)], [Event("Normal", "CreatedService", f"Created Service {name}")]
+        return [Create(desired)], [Event("Normal", f"Created{kind}", f"Created {kind} {name}")]
     owned = {"metadata": {"labels": desired["metadata"]["labels"]}, "spec": desired["spec"]}
     if "ownerReferences" in desired["metadata"]:
         owned["metadata"]["ownerReferences"] = desired["metadata"]["ownerReferences"]
     if _contains(current, owned):
         return [], []
-    return [Patch("v1", "Service", name, owned)], [Event("Normal", "UpdatedService", f"Updated Service {name}")]
+    return [Patch(desired["apiVersion"], kind, name, owned)], [Event("Normal", f"Updated{kind}", f"Updated {kind} {name}")]
+
+
+def _network_policy_actions(lm: api.LargeModel, observed: Sequence[Obj]) -> tuple[list[Action], list[Event]]:
+    if lm.spec.serving.network_policy:
+        return _service_actions(build_network_policy(lm), observed)
+    stale = [o for o in observed if o.get("metadata", {}).get("name") == lm.metadata.name]
+    return ([Delete("networking.k8s.io/v1", "NetworkPolicy", lm.metadata.name, o["metadata"].get("uid", ""))
+             for o in stale],
+            [Event("Normal", "DeletedNetworkPolicy", f"Deleted NetworkPolicy {lm.metadata.name}")] if stale else [])
+
+
+def _ensure_group_secret(p: _Pass) -> None:
+    """Put a create of the group Secret before the first group StatefulSet created in this pass."""
+    first = next((i for i, a in enumerate(p.actions)
+                  if isinstance(a, Create) and a.obj.get("kind") == "StatefulSet"), None)
+    if first is not None:
+        p.actions.insert(first, Create(build_group_secret(p.lm, secrets.token_hex(32))))
 
 
 def _delete_group(view: GroupView) -> Delete:
@@ -337,8 +363,12 @@ def reconcile(body: Obj, observed: Observed, now: datetime.datetime) -> Result:
         actions, events = _service_actions(desired, observed.services)
         p.actions.extend(actions)
         p.events.extend(events)
+    actions, events = _network_policy_actions(lm, observed.networkpolicies)
+    p.actions.extend(actions)
+    p.events.extend(events)
     views = observe_groups(lm.metadata.name, observed.statefulsets, observed.pods)
     _groups(p, plan, revision, views)
+    _ensure_group_secret(p)
     status, events = _valid_status(p, plan, revision, views, old_status, now)
 
     stored = dump_history(p.history) if p.history.groups else None

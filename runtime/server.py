@@ -43,7 +43,7 @@ BIND_HOST_ENV = "BIND_HOST"  # 0.0.0.0 in pods; `largemodel run` binds 127.0.0.1
 DEFAULT_DRAIN_GRACE_S = 30.0
 API_DOCS_ENV = "LARGEMODEL_API_DOCS"  # "1": serve /docs, /redoc and /openapi.json (off by default)
 MAX_BODY_ENV = "LARGEMODEL_MAX_BODY_BYTES"  # HTTP body and gRPC message size cap
-API_KEY_FILE_ENV = "API_KEY_FILE"  # a file holding the bearer token clients must send (off when unset)
+API_KEY_FILE_ENV = envcontract.API_KEY_FILE  # a file holding the bearer token clients must send (off when unset)
 HEADER_TIMEOUT_ENV = "LARGEMODEL_HTTP_HEADER_TIMEOUT_S"  # connect (or last response) to a complete request head
 BODY_TIMEOUT_ENV = "LARGEMODEL_HTTP_BODY_TIMEOUT_S"  # request head to complete body
 

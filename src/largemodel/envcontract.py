@@ -44,6 +44,10 @@ GROUP_SECRET_FILE = "GROUP_SECRET_FILE"  # the operator mounts the group Secret 
 GROUP_SECRET = "GROUP_SECRET"  # the secret itself (`largemodel run` only: never in a pod spec)
 GROUP_SECRET_MOUNT = "/var/run/largemodel/group"
 GROUP_SECRET_KEY = "secret"
+# spec.serving.apiKeySecret: the operator mounts key API_KEY_KEY of that Secret and names the file here.
+API_KEY_FILE = "API_KEY_FILE"
+API_KEY_MOUNT = "/var/run/largemodel/api"
+API_KEY_KEY = "apiKey"
 
 DEFAULT_MASTER_PORT = 29500
 DEFAULT_METRICS_PORT = 9100

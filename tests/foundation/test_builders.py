@@ -51,6 +51,9 @@ def pod_env(sts: dict[str, Any], stage: int) -> dict[str, str]:
             env[var["name"]] = var["value"]
         else:
             path = var["valueFrom"]["fieldRef"]["fieldPath"]
+            if path == "status.podIP":
+                env[var["name"]] = f"10.0.0.{stage + 1}"
+                continue
             assert path == f"metadata.labels['{POD_INDEX_LABEL}']"
             env[var["name"]] = pod_labels[POD_INDEX_LABEL]
     return env
@@ -67,7 +70,8 @@ def test_children_names_gpus_and_env_per_stage(tp: int, pp: int, replicas: int) 
     revision = template_revision(lm, plan)
     children = build_children(lm, plan, revision)
     names = [(c["kind"], c["metadata"]["name"]) for c in children]
-    assert names == [("StatefulSet", f"llm-g{g}") for g in range(replicas)] + [("Service", "llm-ranks"), ("Service", "llm")]
+    assert names == [("StatefulSet", f"llm-g{g}") for g in range(replicas)] + [
+        ("Service", "llm-ranks"), ("Service", "llm"), ("NetworkPolicy", "llm")]
     for group, sts in enumerate(children[:replicas]):
         spec = sts["spec"]
         assert spec["replicas"] == pp and spec["serviceName"] == "llm-ranks"
@@ -89,7 +93,7 @@ def test_children_names_gpus_and_env_per_stage(tp: int, pp: int, replicas: int) 
             assert env["MODEL_URI"] == "pvc://weights/llama/70b" and env["MODEL_DTYPE"] == "bfloat16"
             assert env["MICRO_BATCHES"] == "8" and env["ENGINE"] == "native" and env["MODEL_NAME"] == "llm"
             assert [rank_env.global_rank(r) for r in range(tp)] == list(range(stage * tp, (stage + 1) * tp))
-    ranks, client = children[-2], children[-1]
+    ranks, client = children[replicas], children[replicas + 1]
     assert ranks["spec"]["clusterIP"] == "None" and ranks["spec"]["publishNotReadyAddresses"] is True
     assert ranks["spec"]["selector"] == {LABEL_NAME: "llm"}
     assert client["spec"]["selector"] == {LABEL_NAME: "llm", POD_INDEX_LABEL: "0"}
@@ -175,7 +179,8 @@ def test_model_volume_per_uri_scheme(uri: str, annotations: dict[str, str], moun
     body["metadata"]["annotations"] = annotations
     lm = api.LargeModel.model_validate(body)
     pod = build_group_statefulset(lm, plan_parallelism(lm.spec), 0, "r")["spec"]["template"]["spec"]
-    model_mounts = [m for m in pod["containers"][0]["volumeMounts"] if m["mountPath"] not in ("/tmp", "/dev/shm")]
+    model_mounts = [m for m in pod["containers"][0]["volumeMounts"]
+                    if m["mountPath"] not in ("/tmp", "/dev/shm", "/var/run/largemodel/group")]
     claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
     assert [m["mountPath"] for m in model_mounts] == ([mount] if mount else [])
     assert claims == ([claim] if claim else [])
@@ -190,10 +195,12 @@ def test_revision_changes_with_the_pod_template_only() -> None:
     assert revision == template_revision(lm_with(8, 2, 1), plan) and len(revision) == 10
     # Scaling, restart budget and rollout pace do not touch pods.
     for unchanged in (lm_with(8, 2, 5), lm_with(8, 2, 1, restart={"maxGroupRestarts": 9}),
-                      lm_with(8, 2, 1, rollout={"maxUnavailableGroups": 2})):
+                      lm_with(8, 2, 1, rollout={"maxUnavailableGroups": 2}),
+                      lm_with(8, 2, 1, serving={"allowFrom": [{"cidr": "10.0.0.0/8"}], "networkPolicy": False})):
         assert template_revision(unchanged, plan_parallelism(unchanged.spec)) == revision
     for changed in (lm_with(8, 2, 1, image="largemodel-runtime:0.2.0"), lm_with(4, 2, 1),
-                    lm_with(8, 2, 1, engine="deepspeed"), lm_with(8, 2, 1, serving={"maxBatchSize": 32})):
+                    lm_with(8, 2, 1, engine="deepspeed"), lm_with(8, 2, 1, serving={"maxBatchSize": 32}),
+                    lm_with(8, 2, 1, serving={"apiKeySecret": "keys"})):
         assert template_revision(changed, plan_parallelism(changed.spec)) != revision
 
 
@@ -228,3 +235,16 @@ def test_the_schema_check_is_strict_enough_to_fail() -> None:
     sts["spec"]["template"]["spec"]["containers"][0]["gpus"] = 8
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(sts, "1.37", strict=True)
+
+
+def test_api_key_secret_is_mounted_and_named_for_the_server() -> None:
+    lm = lm_with(8, 2, 1, serving={"apiKeySecret": "llm-keys"})
+    pod = build_group_statefulset(lm, plan_parallelism(lm.spec), 0, "r")["spec"]["template"]["spec"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-key")
+    assert volume["secret"]["secretName"] == "llm-keys"
+    assert volume["secret"]["items"] == [{"key": "apiKey", "path": "apiKey"}]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["API_KEY_FILE"] == "/var/run/largemodel/api/apiKey"
+    plain = lm_with(8, 2, 1)
+    pod = build_group_statefulset(plain, plan_parallelism(plain.spec), 0, "r")["spec"]["template"]["spec"]
+    assert "api-key" not in {v["name"] for v in pod["volumes"]}

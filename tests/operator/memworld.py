@@ -62,6 +62,7 @@ class World:
             statefulsets=[o for (kind, _), o in self.objects.items() if kind == "StatefulSet"],
             services=[o for (kind, _), o in self.objects.items() if kind == "Service"],
             pods=list(self.pods.values()),
+            networkpolicies=[o for (kind, _), o in self.objects.items() if kind == "NetworkPolicy"],
         )
 
     def step(self) -> Result:

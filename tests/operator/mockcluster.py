@@ -117,6 +117,8 @@ def declare_resources(mock: K8sMock, namespaces: list[str]) -> None:
     mock.declare("apps/v1/statefulsets", "StatefulSet", subresources=("status", "scale"))
     mock.declare("v1/pods", "Pod", subresources=("status",))
     mock.declare("v1/services", "Service", subresources=("status",))
+    mock.declare("v1/secrets", "Secret")
+    mock.declare("networking.k8s.io/v1/networkpolicies", "NetworkPolicy")
     mock.declare("v1/events", "Event")
     mock.declare("v1/namespaces", "Namespace", namespaced=False, subresources=("status",))
     for ns in namespaces:

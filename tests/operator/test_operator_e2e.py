@@ -128,7 +128,10 @@ def test_create_ready_steady_state_and_delete(cluster: MockCluster, kubelet: Kub
     assert {
         ("serving.largemodel.io", "largemodels", "watch"), ("serving.largemodel.io", "largemodels/status", "patch"),
         ("apps", "statefulsets", "create"), ("", "services", "create"), ("", "pods", "list"), ("", "events", "create"),
+        ("", "secrets", "create"), ("networking.k8s.io", "networkpolicies", "create"),
     } <= used
+    # The group Secret is created blind and never read back.
+    assert not {verb for group, plural, verb in used if plural == "secrets"} - {"create"}
 
 
 def test_invalid_then_fixed(cluster: MockCluster, kubelet: Kubelet, tmp_path: Path) -> None:
@@ -328,5 +331,5 @@ def test_watches_are_filtered_by_the_name_label(cluster: MockCluster, kubelet: K
         wait_for(lambda: phase(cluster) == "Ready", "phase Ready")
     watches = {r.resource.plural: r.params.get("labelSelector", "") for r in operator_requests(cluster)
                if r.resource is not None and r.params.get("watch") == "true"}
-    assert watches["pods"] == watches["statefulsets"] == watches["services"] == LABEL_NAME
+    assert watches["pods"] == watches["statefulsets"] == watches["services"] == watches["networkpolicies"] == LABEL_NAME
     assert watches["largemodels"] == ""

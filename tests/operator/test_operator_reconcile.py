@@ -15,8 +15,11 @@ from largemodel.operator.restarts import RESTARTS_ANNOTATION
 
 
 def _kinds(result) -> list[tuple[str, str, str]]:
+    """The writes of a pass, the group Secret's blind create left out (test_group_secret_* covers it)."""
     out = []
     for a in result.actions:
+        if isinstance(a, Create) and a.obj["kind"] == "Secret":
+            continue
         if isinstance(a, Create):
             out.append(("create", a.obj["kind"], a.obj["metadata"]["name"]))
         elif isinstance(a, Patch):
@@ -37,6 +40,7 @@ def test_new_model_creates_services_and_groups() -> None:
     result = world.step()
     assert _kinds(result) == [
         ("create", "Service", "smollm2-ranks"), ("create", "Service", "smollm2"),
+        ("create", "NetworkPolicy", "smollm2"),
         ("create", "StatefulSet", "smollm2-g0"), ("create", "StatefulSet", "smollm2-g1"),
     ]
     status = result.status
@@ -46,7 +50,7 @@ def test_new_model_creates_services_and_groups() -> None:
     assert status["plan"]["tensor"] == 1 and status["plan"]["pipeline"] == 2
     assert status["selector"] == "serving.largemodel.io/name=smollm2"
     assert status["endpoint"] == "http://smollm2.models.svc:8000/v1"
-    assert {e.reason for e in result.events} == {"CreatedService", "CreatedGroup", "Planned"}
+    assert {e.reason for e in result.events} == {"CreatedService", "CreatedNetworkPolicy", "CreatedGroup", "Planned"}
 
 
 @pytest.mark.parametrize(
@@ -278,3 +282,42 @@ def test_rollout_two_at_a_time() -> None:
         ("patch", "StatefulSet", "smollm2-g2"), ("patch", "StatefulSet", "smollm2-g3"),
         ("delete", "StatefulSet", "smollm2-g1"), ("delete", "StatefulSet", "smollm2-g0"),
     ]
+
+
+def test_group_secret_is_created_before_every_group_start_and_never_read() -> None:
+    world = World(example_lm(replicas=2))
+    first = world.step()
+    creates = [a.obj for a in first.actions if isinstance(a, Create)]
+    kinds = [o["kind"] for o in creates]
+    assert kinds.count("Secret") == 1 and kinds.index("Secret") < kinds.index("StatefulSet")
+    secret = creates[kinds.index("Secret")]
+    assert secret["metadata"]["name"] == "smollm2-group-secret"
+    assert len(secret["stringData"]["secret"]) == 64 and secret["metadata"]["ownerReferences"]
+    # Every pod mounts it and names the file; rank ports bind the pod IP.
+    sts = creates[kinds.index("StatefulSet")]
+    pod = sts["spec"]["template"]["spec"]
+    assert {"name": "group-secret", "secret": {"secretName": "smollm2-group-secret", "defaultMode": 0o440}} in pod["volumes"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["GROUP_SECRET_FILE"]["value"] == "/var/run/largemodel/group/secret"
+    assert env["POD_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    # A steady state writes nothing, the Secret included.
+    world.converge()
+    assert world.step().writes == 0
+    # A fresh key per pass that starts a group: the API server keeps the first (AlreadyExists).
+    again = reconcile(world.lm, Observed(), world.now)
+    assert [a.obj["kind"] for a in again.actions if isinstance(a, Create)].count("Secret") == 1
+
+
+def test_network_policy_admits_rank_ports_from_own_pods_and_api_from_allow_from() -> None:
+    world = World(example_lm())
+    world.lm["spec"]["serving"]["allowFrom"] = [{"namespaceSelector": {"team": "web"}}, {"cidr": "10.0.0.0/8"}]
+    world.converge()
+    policy = world.objects[("NetworkPolicy", "smollm2")]["spec"]
+    assert policy["podSelector"] == {"matchLabels": {"serving.largemodel.io/name": "smollm2"}}
+    own, api_rule, metrics_rule = policy["ingress"]
+    assert own == {"from": [{"podSelector": {"matchLabels": {"serving.largemodel.io/name": "smollm2"}}}]}
+    assert {p["port"] for p in api_rule["ports"]} == {8000, 9000}
+    assert api_rule["from"] == [{"namespaceSelector": {"matchLabels": {"team": "web"}}}, {"ipBlock": {"cidr": "10.0.0.0/8"}}]
+    assert metrics_rule == {"ports": [{"protocol": "TCP", "port": 9100}]}
+    world.edit(serving={"networkPolicy": False})
+    assert ("delete", "NetworkPolicy", "smollm2") in _kinds(world.step())

@@ -33,6 +33,14 @@ when they differ); operator/rbac.py says in detail why each verb is needed.
 - apiGroups: [""]
   resources: ["events"]
   verbs: ["create"]
+# The group Secret, created blind before a group starts; never read, listed or changed.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["create"]
+# One NetworkPolicy per LargeModel: rank ports from its own pods only, API ports from allowFrom.
+- apiGroups: ["networking.k8s.io"]
+  resources: ["networkpolicies"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
 {{- if .Values.rbac.readSecrets }}
 # Asked for by rbac.readSecrets: the operator itself never reads Secrets.
 - apiGroups: [""]
