@@ -94,6 +94,10 @@ class GenerationServicer:
         except AdmissionError as err:
             state.count_invalid()
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Exception as err:  # noqa: BLE001 - a bug, not bad input: answered and counted like HTTP's 500
+            state.count_error()
+            log.error("grpc.request_failed error=%r", err, exc_info=err)
+            await context.abort(grpc.StatusCode.INTERNAL, "the server failed to handle this request")
         try:
             async for chunk in stream:
                 if chunk.finish_reason in ("abort", "error"):

@@ -356,3 +356,37 @@ def test_api_key_guards_v1_with_an_openai_401() -> None:
         assert reply.json()["error"]["code"] == "invalid_api_key"
     assert state.invalid == 3
     assert client.get("/v1/models", headers={"Authorization": "Bearer k-123"}).json()["data"][0]["id"] == "m"
+
+
+def test_grpc_api_key_is_checked_before_any_work() -> None:
+    """With an API key, Generate without `authorization: Bearer <key>` metadata is UNAUTHENTICATED."""
+    from largemodel.runtime.grpc_server import start_grpc_server
+    from largemodel.runtime.local import free_port
+
+    class _Scheduler:
+        def submit(self, request: Any) -> Any:
+            raise AssertionError("an unauthenticated call reached the scheduler")
+
+    state = _State(api_key="k-123")
+    state.scheduler = _Scheduler()  # type: ignore[attr-defined]
+    port = free_port()
+
+    async def main() -> list[grpc.StatusCode]:
+        server, _health = await start_grpc_server(state, "127.0.0.1", port)
+        codes = []
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = pb2_grpc.GenerationStub(channel)
+                for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "k-123"),)):
+                    try:
+                        async for _ in stub.Generate(pb2.GenerateRequest(prompt="hi"), metadata=metadata, timeout=10):
+                            pass
+                        codes.append(grpc.StatusCode.OK)
+                    except grpc.aio.AioRpcError as err:
+                        codes.append(err.code())
+        finally:
+            await server.stop(0)
+        return codes
+
+    assert asyncio.run(main()) == [grpc.StatusCode.UNAUTHENTICATED] * 3
+    assert state.invalid == 3
