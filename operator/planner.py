@@ -2,8 +2,9 @@
 
 Rules, in the order they are checked:
 - TP never crosses a node: tp <= gpu.perNode.
-- TP must divide the model: numAttentionHeads % tp == 0 and numKeyValueHeads % tp == 0.
-- pp <= numHiddenLayers, layers split by `largemodel.partition.split_layers` with the LM head weighed
+- TP must divide the model as the chosen engine runs it (largemodel.modelfacts.tensor_problem):
+  heads, KV heads (or, native engine, tp a multiple of them: KV heads replicate) and intermediateSize.
+- pp <= numHiddenLayers (and pp = 1 for engine deepspeed), layers split by `largemodel.partition.split_layers` with the LM head weighed
   on the last stage (as the runtime does).
 - Memory per GPU: weights of the largest stage / tp (= M/(tp*pp) for an even split) + KV cache for
   maxBatchSize x maxModelLen over that stage's layers with KV heads sharded by tp + OVERHEAD_GIB
@@ -18,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
+from largemodel import modelfacts
 from largemodel.operator import api
 from largemodel.operator.modelconfig import ModelConfigError, inspect_model
 from largemodel.partition import lm_head_layers, split_layers
@@ -139,7 +141,7 @@ def _memory(spec: api.LargeModelSpec, arch: api.Architecture, tp: int, pp: int) 
     share = stage_layers / arch.num_hidden_layers
     weights = arch.parameter_total * dtype_bytes * share / tp / GIB
     # K and V, per token per layer, with the KV heads this rank holds.
-    kv_per_token_layer = 2 * (arch.num_key_value_heads // tp) * arch.kv_head_dim * dtype_bytes
+    kv_per_token_layer = 2 * modelfacts.kv_heads_per_rank(arch.num_key_value_heads, tp) * arch.kv_head_dim * dtype_bytes
     tokens = spec.serving.max_batch_size * spec.serving.max_model_len
     kv = kv_per_token_layer * stage_layers * tokens / GIB
     return weights, kv
@@ -158,11 +160,13 @@ def valid_tensor_sizes(spec: api.LargeModelSpec, arch: api.Architecture) -> list
 def _tensor_problem(spec: api.LargeModelSpec, arch: api.Architecture, tp: int) -> str | None:
     if tp > spec.gpu.per_node:
         return f"tensor={tp} exceeds gpu.perNode={spec.gpu.per_node} (tensor parallelism never crosses a node)"
-    if arch.num_attention_heads % tp:
-        return f"tensor={tp} does not divide numAttentionHeads={arch.num_attention_heads}"
-    if arch.num_key_value_heads % tp:
-        return f"tensor={tp} does not divide numKeyValueHeads={arch.num_key_value_heads}"
-    return None
+    # The runtime's own rule for the chosen engine (largemodel.modelfacts): admitted means it runs.
+    return modelfacts.tensor_problem(heads=arch.num_attention_heads, kv_heads=arch.num_key_value_heads,
+                                     intermediate=arch.intermediate_size, tp=tp, engine=spec.engine)
+
+
+def _pipeline_problem(spec: api.LargeModelSpec, arch: api.Architecture, pp: int) -> str | None:
+    return modelfacts.pipeline_problem(layers=arch.num_hidden_layers, pp=pp, engine=spec.engine)
 
 
 def _memory_problem(spec: api.LargeModelSpec, arch: api.Architecture, tp: int, pp: int) -> str | None:
@@ -179,7 +183,7 @@ def _memory_problem(spec: api.LargeModelSpec, arch: api.Architecture, tp: int, p
 
 def _smallest_fitting_pp(spec: api.LargeModelSpec, arch: api.Architecture, tp: int) -> int | None:
     for pp in range(1, arch.num_hidden_layers + 1):
-        if _memory_problem(spec, arch, tp, pp) is None:
+        if _pipeline_problem(spec, arch, pp) is None and _memory_problem(spec, arch, tp, pp) is None:
             return pp
     return None
 
@@ -205,7 +209,8 @@ def _candidates(spec: api.LargeModelSpec, arch: api.Architecture) -> Iterator[tu
     each token's weight reads), then fewest GPUs."""
     par = spec.parallelism
     tps = [par.tensor] if isinstance(par.tensor, int) else list(range(1, spec.gpu.per_node + 1))
-    pps = [par.pipeline] if isinstance(par.pipeline, int) else list(range(1, arch.num_hidden_layers + 1))
+    pps = [par.pipeline] if isinstance(par.pipeline, int) else [
+        pp for pp in range(1, arch.num_hidden_layers + 1) if _pipeline_problem(spec, arch, pp) is None]
     yield from sorted(((tp, pp) for tp in tps for pp in pps),
                       key=lambda lay: (nodes_per_group(spec, *lay), lay[1], lay[0] * lay[1]))
 
@@ -218,11 +223,11 @@ def _check_fixed(spec: api.LargeModelSpec, arch: api.Architecture) -> None:
         if problem:
             valid = ", ".join(str(t) for t in valid_tensor_sizes(spec, arch))
             raise PlanError(f"{problem}; valid tensor sizes: {valid}")
-    if isinstance(par.pipeline, int) and par.pipeline > arch.num_hidden_layers:
-        raise PlanError(
-            f"pipeline={par.pipeline} exceeds numHiddenLayers={arch.num_hidden_layers} (every stage needs a "
-            f"layer); valid pipeline sizes: 1..{arch.num_hidden_layers}"
-        )
+    if isinstance(par.pipeline, int):
+        problem = _pipeline_problem(spec, arch, par.pipeline)
+        if problem:
+            valid = "1" if spec.engine == "deepspeed" else f"1..{arch.num_hidden_layers}"
+            raise PlanError(f"{problem}; valid pipeline sizes: {valid}")
 
 
 def _choose(spec: api.LargeModelSpec, arch: api.Architecture) -> tuple[int, int, list[Rejection]]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from largemodel import modelfacts
 from largemodel.envcontract import RankEnv
 from largemodel.runtime.model import ModelConfig, load_config
 from largemodel.runtime.parallel import ParallelContext, TensorParallelError
@@ -75,12 +76,14 @@ class HFStage(nn.Module):
 def load_autotp(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, max_batch: int, max_len: int) -> HFStage:
     """Load the transformers model and let DeepSpeed shard it over this stage's TP ranks."""
     config = load_config(model_dir)
-    if ctx.pp != 1:
-        raise DeepSpeedConfigError(f"ENGINE=deepspeed runs tensor parallel only: set pipeline to 1 (got pp={ctx.pp}) "
-                                   "or use ENGINE=native for pipeline parallelism")
-    if config.num_attention_heads % ctx.tp or config.kv_heads % ctx.tp:
-        raise TensorParallelError(f"DeepSpeed AutoTP needs tp={ctx.tp} to divide {config.num_attention_heads} heads and "
-                                  f"{config.kv_heads} KV heads; ENGINE=native replicates KV heads instead")
+    # The same rules the planner applies (largemodel.modelfacts), so an admitted layout gets here intact.
+    problem = modelfacts.pipeline_problem(layers=config.num_hidden_layers, pp=ctx.pp, engine="deepspeed")
+    if problem:
+        raise DeepSpeedConfigError(f"{problem}: set pipeline to 1 or use ENGINE=native for pipeline parallelism")
+    problem = modelfacts.tensor_problem(heads=config.num_attention_heads, kv_heads=config.kv_heads,
+                                        intermediate=config.intermediate_size, tp=ctx.tp, engine="deepspeed")
+    if problem:
+        raise TensorParallelError(f"DeepSpeed AutoTP: {problem}; ENGINE=native replicates KV heads instead")
     import deepspeed
     from transformers import AutoModelForCausalLM
 

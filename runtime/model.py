@@ -9,18 +9,20 @@ tensor parallelism is applied afterwards by `largemodel.runtime.parallel`.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import Tensor, nn
 
-from largemodel.partition import lm_head_layers
+from largemodel.modelfacts import (
+    SUPPORTED_MODEL_TYPES,
+    SUPPORTED_ROPE_TYPES,
+    ModelConfig,
+    ModelConfigError,
+    load_config,
+)
 from largemodel.runtime.cpu_kernels import (
     Linear,
     add_rms_norm,
@@ -31,109 +33,8 @@ from largemodel.runtime.cpu_kernels import (
     silu_mul,
 )
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-
-
-class ModelConfigError(ValueError):
-    """config.json describes a model this runtime cannot serve; the message says why."""
-
-
-class ModelConfig(BaseModel):
-    """The fields of a Hugging Face config.json the decoder needs (unknown fields are ignored)."""
-
-    model_config = ConfigDict(extra="ignore", protected_namespaces=())
-
-    model_type: str = "llama"
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int | None = None
-    head_dim: int | None = None
-    rms_norm_eps: float = 1e-6
-    rope_theta: float | None = None
-    rope_parameters: dict[str, Any] | None = None
-    rope_scaling: dict[str, Any] | None = None
-    attention_bias: bool = False
-    mlp_bias: bool = False
-    tie_word_embeddings: bool = False
-    max_position_embeddings: int = 2048
-    hidden_act: str = "silu"
-    eos_token_id: int | list[int] | None = None
-    use_sliding_window: bool = False
-
-    @property
-    def kv_heads(self) -> int:
-        """KV heads (equal to attention heads when the config predates GQA)."""
-        return self.num_key_value_heads or self.num_attention_heads
-
-    @property
-    def head_size(self) -> int:
-        """Per-head width; explicit `head_dim` wins over hidden_size / heads as in transformers."""
-        return self.head_dim or self.hidden_size // self.num_attention_heads
-
-    @property
-    def head_layers(self) -> float:
-        """The LM head's weight in decoder layers: what the pipeline split adds to the last stage."""
-        return lm_head_layers(self.hidden_size, self.intermediate_size, self.vocab_size, self.num_attention_heads,
-                              self.kv_heads, self.head_size)
-
-    @property
-    def qkv_bias(self) -> bool:
-        """Qwen2 always has q/k/v bias; Llama has it when attention_bias is set."""
-        return self.model_type == "qwen2" or self.attention_bias
-
-    @property
-    def o_bias(self) -> bool:
-        """Llama's attention_bias also puts a bias on o_proj; Qwen2's o_proj has none."""
-        return self.model_type != "qwen2" and self.attention_bias
-
-    @property
-    def rope(self) -> dict[str, Any]:
-        """RoPE parameters in the transformers-5 shape, whichever spelling the config used."""
-        params = dict(self.rope_parameters or self.rope_scaling or {})
-        params.setdefault("rope_type", params.pop("type", "default"))
-        params.setdefault("rope_theta", self.rope_theta if self.rope_theta is not None else 10000.0)
-        return params
-
-    @property
-    def eos_ids(self) -> list[int]:
-        """End-of-sequence token ids as a list."""
-        if self.eos_token_id is None:
-            return []
-        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
-
-
-def load_config(model_dir: Path) -> ModelConfig:
-    """Read and check `model_dir/config.json`; raise ModelConfigError with the reason."""
-    path = Path(model_dir) / "config.json"
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ModelConfigError(f"{path} does not exist: is the model directory right?") from None
-    except json.JSONDecodeError as exc:
-        raise ModelConfigError(f"{path} is not valid JSON: {exc}") from None
-    if "text_config" in raw and "vocab_size" not in raw:
-        raw = {**raw["text_config"], "model_type": raw["text_config"].get("model_type", raw.get("model_type"))}
-    try:
-        config = ModelConfig.model_validate(raw)
-    except ValidationError as exc:
-        raise ModelConfigError(f"{path}: {exc}") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise ModelConfigError(f"model_type {config.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
-    if config.hidden_act != "silu":
-        raise ModelConfigError(f"hidden_act {config.hidden_act!r} is not supported (SwiGLU needs 'silu')")
-    if config.use_sliding_window:
-        raise ModelConfigError("sliding-window attention is not supported")
-    if config.rope["rope_type"] not in SUPPORTED_ROPE_TYPES:
-        raise ModelConfigError(
-            f"rope type {config.rope['rope_type']!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
-        )
-    if config.num_attention_heads % config.kv_heads:
-        raise ModelConfigError("num_attention_heads must be a multiple of num_key_value_heads")
-    return config
+# The config reader and its rules live in largemodel.modelfacts (shared with the planner).
+__all__ = ["SUPPORTED_MODEL_TYPES", "SUPPORTED_ROPE_TYPES", "ModelConfig", "ModelConfigError", "load_config"]
 
 
 def rope_inv_freq(config: ModelConfig) -> Tensor:

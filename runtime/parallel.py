@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from largemodel import metrics
+from largemodel import metrics, modelfacts
 from largemodel.runtime.cpu_kernels import Linear, linear
 from largemodel.runtime.model import CausalLM, ModelConfig
 
@@ -225,18 +225,17 @@ def init_distributed(rank: int, world_size: int, tp: int, pp: int, master_addr: 
 
 
 def valid_tp_sizes(config: ModelConfig, limit: int = 64) -> list[int]:
-    """The tp values this runtime accepts for a model (KV heads are replicated when tp exceeds them)."""
-    heads, kv = config.num_attention_heads, config.kv_heads
-    return [t for t in range(1, limit + 1) if heads % t == 0 and (kv % t == 0 or t % kv == 0)]
+    """The tp values this runtime accepts for a model (largemodel.modelfacts' rule, shared with the planner)."""
+    return modelfacts.valid_tensor_sizes(heads=config.num_attention_heads, kv_heads=config.kv_heads,
+                                         intermediate=config.intermediate_size, limit=limit)
 
 
 def check_tensor_parallel(config: ModelConfig, tp: int) -> None:
-    """Raise TensorParallelError unless heads split evenly and KV heads split or replicate evenly."""
-    if tp not in valid_tp_sizes(config, max(tp, 1)):
-        raise TensorParallelError(
-            f"tp={tp} cannot split {config.num_attention_heads} attention heads / {config.kv_heads} KV heads; "
-            f"valid tp: {', '.join(map(str, valid_tp_sizes(config, 16)))}"
-        )
+    """Raise TensorParallelError unless heads split evenly, KV heads split or replicate evenly and the MLP splits."""
+    problem = modelfacts.tensor_problem(heads=config.num_attention_heads, kv_heads=config.kv_heads,
+                                        intermediate=config.intermediate_size, tp=tp)
+    if problem:
+        raise TensorParallelError(f"{problem}; valid tp: {', '.join(map(str, valid_tp_sizes(config, 16)))}")
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -290,8 +289,6 @@ def apply_tensor_parallel(model: CausalLM, ctx: ParallelContext) -> dict[str, Sh
     else:  # fewer KV heads than ranks (MQA): each rank keeps a copy of the one its query heads use
         kv_local, kv_first = 1, r * config.kv_heads // tp
     inner = config.intermediate_size // tp
-    if config.intermediate_size % tp:
-        raise TensorParallelError(f"intermediate_size={config.intermediate_size} is not divisible by tp={tp}")
 
     def column(parent: nn.Module, name: str, prefix: str, start: int, stop: int) -> None:
         old = getattr(parent, name)

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from largemodel import modelfacts
 from largemodel.partition import stage_layer_range
 from largemodel.runtime import cpu_kernels
 from largemodel.runtime.model import CausalLM, ModelConfig, ModelConfigError, load_config
@@ -77,8 +78,9 @@ def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
     if device.type == "cpu":
         cpu_kernels.load()  # the decode GEMV kernel: built once per machine, logged, optional
     config = load_config(model_dir)
-    if ctx.pp > config.num_hidden_layers:
-        raise ModelConfigError(f"pp={ctx.pp} exceeds num_hidden_layers={config.num_hidden_layers}")
+    problem = modelfacts.pipeline_problem(layers=config.num_hidden_layers, pp=ctx.pp)
+    if problem:
+        raise ModelConfigError(problem)
     layers = stage_layer_range(config.num_hidden_layers, ctx.pp, ctx.pp_rank, config.head_layers)
     with torch.device("meta"):
         model = CausalLM(config, layers, first=ctx.pp_rank == 0, last=ctx.pp_rank == ctx.pp - 1)

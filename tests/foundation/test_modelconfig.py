@@ -92,7 +92,7 @@ def test_cli_inspect_prints_the_architecture_block(tmp_path: Path) -> None:
         ({"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]},
          "unsupported architecture LlamaForSequenceClassification"),
         ({"architectures": ["LlamaForCausalLM"]}, "(model_type 'missing')"),
-        ({"model_type": "llama", "num_attention_heads": 8}, "num_hidden_layers: Field required"),
+        ({"model_type": "llama", "num_attention_heads": 8}, "vocab_size: Field required"),
         ({"model_type": "llama", "num_attention_heads": 8, "num_key_value_heads": 3, "num_hidden_layers": 2,
           "hidden_size": 64, "intermediate_size": 128, "vocab_size": 100},
          "num_attention_heads=8 is not a multiple of num_key_value_heads=3"),

@@ -104,7 +104,7 @@ def test_nodes_per_group(per_node: int, tp: int, pp: int, nodes: int) -> None:
     [
         ({"tensor": 16, "pipeline": 1}, {}, "tensor=16 exceeds gpu.perNode=8 (tensor parallelism never crosses a node); valid tensor sizes: 1, 2, 4, 8"),
         ({"tensor": 3, "pipeline": 4}, {}, "tensor=3 does not divide numAttentionHeads=64; valid tensor sizes: 1, 2, 4, 8"),
-        ({"tensor": 16, "pipeline": 1}, {"perNode": 16}, "tensor=16 does not divide numKeyValueHeads=8; valid tensor sizes: 1, 2, 4, 8"),
+        ({"tensor": 12, "pipeline": 1}, {"perNode": 16}, "tensor=12 does not divide numAttentionHeads=64; valid tensor sizes: 1, 2, 4, 8, 16"),
         ({"tensor": 8, "pipeline": 81}, {}, "pipeline=81 exceeds numHiddenLayers=80 (every stage needs a layer); valid pipeline sizes: 1..80"),
     ],
 )

@@ -72,7 +72,7 @@ def test_bad_model_inputs_are_clear_errors(tmp_path: Path, checkpoints: dict[str
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 8, "hidden_size": 8,
                                                       "intermediate_size": 8, "num_hidden_layers": 1,
                                                       "num_attention_heads": 1}))
-    with pytest.raises(ModelConfigError, match="model_type 'gpt2' is not supported"):
+    with pytest.raises(ModelConfigError, match="unsupported architecture none listed \\(model_type 'gpt2'\\)"):
         build_stage(tmp_path, ParallelContext(), torch.float32, cpu, 1, 8)
     config = json.loads((Path(checkpoints["models"]["gqa"]["dir"]) / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "rope_parameters": {"rope_type": "yarn"}}))
@@ -81,7 +81,7 @@ def test_bad_model_inputs_are_clear_errors(tmp_path: Path, checkpoints: dict[str
     gqa = Path(checkpoints["models"]["gqa"]["dir"])  # 8 heads, 2 KV heads
     with pytest.raises(TensorParallelError, match="valid tp: 1, 2, 4, 8"):
         build_stage(gqa, ParallelContext(tp=3), torch.float32, cpu, 1, 8)
-    with pytest.raises(ModelConfigError, match="pp=5 exceeds num_hidden_layers=4"):
+    with pytest.raises(ModelConfigError, match="pipeline=5 exceeds numHiddenLayers=4"):
         build_stage(gqa, ParallelContext(pp=5), torch.float32, cpu, 1, 8)
     with pytest.raises(ValueError, match="dtype 'int3' is not supported"):
         parse_dtype("int3")
