@@ -271,20 +271,23 @@ def test_guarded_server_caps_connections_and_time() -> None:
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002
             return
 
-    server = GuardedHTTPServer(("127.0.0.1", 0), Handler, read_timeout_s=5, connection_s=1, max_connections=2)
+    server = GuardedHTTPServer(("127.0.0.1", 0), Handler, read_timeout_s=10, connection_s=3, max_connections=2)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     port = server.server_address[1]
     try:
-        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
-        for sock in held:  # a slowloris head: a byte at a time would never end on its own
-            sock.sendall(b"GET / HTTP/1.1\r\n")
-        time.sleep(0.3)
-        third = socket.create_connection(("127.0.0.1", port), timeout=5)
-        assert _closed_within(third, 3)[0], "a connection past the cap was served"
         began = time.monotonic()
+        held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+        for sock in held:  # a slowloris head: never finished, and each read is within the read timeout
+            sock.sendall(b"GET / HTTP/1.1\r\n")
+        while len(server._open) < 2 and time.monotonic() - began < 5:
+            time.sleep(0.05)
+        # Past the cap a connection is closed at once, long before the 3 s connection deadline.
+        third = socket.create_connection(("127.0.0.1", port), timeout=5)
+        assert _closed_within(third, 2)[0], "a connection past the cap was served"
+        # The held ones are cut at their deadline although each read kept within the read timeout.
         for sock in held:
-            assert _closed_within(sock, 4)[0]
-        assert time.monotonic() - began < 4
+            assert _closed_within(sock, 6)[0]
+        assert time.monotonic() - began < 8
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
             assert resp.read() == b"ok"
     finally:
