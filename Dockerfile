@@ -15,6 +15,22 @@ COPY src/ src/
 COPY operator/ operator/
 COPY runtime/ runtime/
 RUN pip wheel --no-deps --no-build-isolation --wheel-dir /wheels .
+# The CPU decode kernels (runtime/cpu_kernels.cpp), prebuilt for every instruction-set level this
+# architecture may meet (amd64: avx512, avx2, generic; arm64: neon, generic) so rank pods never need a
+# compiler: built against the CPU build of the runtime base's torch release (the same C++ API; the
+# libraries are keyed by the release, not the build variant), then copied into the runtime stage.
+# PREBUILT_KERNELS=0 skips them (a build without that torch index): pods then build them on first use
+# where a compiler exists, and use torch's ops where none does.
+ARG PREBUILT_KERNELS=1
+RUN mkdir /kernels \
+ && if [ "${PREBUILT_KERNELS}" = 1 ]; then \
+      apt-get update \
+      && apt-get install -y --no-install-recommends g++=4:12.2.0-3 \
+      && rm -rf /var/lib/apt/lists/* \
+      && pip install --index-url https://download.pytorch.org/whl/cpu torch==2.8.0 \
+      && pip install --no-deps /wheels/largemodel-*.whl \
+      && LARGEMODEL_KERNEL_DIR=/kernels python -m largemodel.runtime.cpu_kernels --all; \
+    fi
 
 # ---- operator: only the operator's dependencies (kopf, pydantic, PyYAML, prometheus-client) ----
 FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1 AS operator
@@ -43,7 +59,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     HOME=/tmp \
-    METRICS_PORT=9100
+    METRICS_PORT=9100 \
+    LARGEMODEL_KERNEL_DIR=/opt/largemodel/kernels
 # The base's CUDA torch satisfies the runtime extra (torch>=2.4,<2.15); naming its version keeps pip
 # from ever swapping it for another build while resolving the rest. DeepSpeed (spec.engine:
 # deepspeed) installs from its sdist against that torch with no ops prebuilt: AutoTP inference
@@ -56,6 +73,9 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
  && pip install "largemodel[runtime,deepspeed] @ file:///wheels/largemodel-${LARGEMODEL_VERSION}-py3-none-any.whl" \
       grpcio-tools==1.85.1 torch==2.8.0 \
  && (getent passwd 1000 >/dev/null || useradd --uid 1000 --user-group --home-dir /tmp --no-create-home --shell /usr/sbin/nologin largemodel)
+# The prebuilt decode kernels (see the wheel stage), read-only: load() picks the CPU's best level.
+RUN --mount=type=bind,from=wheel,source=/kernels,target=/mnt/kernels \
+    mkdir -p /opt/largemodel && cp -r /mnt/kernels /opt/largemodel/kernels
 # The operator's rank pods run as 1000 with /tmp and /dev/shm as their only writable paths.
 USER 1000:1000
 EXPOSE 8000 9000 9100 29500
