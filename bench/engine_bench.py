@@ -22,6 +22,12 @@ machine under the same load:
 
 On a machine with CUDA (preset gpu) steps 2-4 run on the GPU at tp=1 in bfloat16; step 5 is CPU-only.
 Prints a Markdown table and the machine; --out also writes the numbers as JSON.
+
+--model DIR runs the same on a real checkpoint instead of a preset (e.g. the README's SmolLM2, which
+`largemodel run` builds under ~/.cache/largemodel/models/HuggingFaceTB/SmolLM2-135M-Instruct);
+--threads sets torch's thread count; on CPU the batch-1 Engine is also timed at every instruction-set
+level of the decode kernels this CPU runs (avx512/avx2/neon/generic), in the same run; --no-bf16 and
+--no-pp leave out steps 3's bfloat16 repeat and 5.
 """
 
 from __future__ import annotations
@@ -160,9 +166,12 @@ def engine_decode(engine: Engine, prompts: list[list[int]], new_tokens: int) -> 
 
 
 def decode_bytes_per_step(engine: Engine, context: int) -> int:
-    """Bytes one batch-1 decode step must read: weights (one embedding row only) plus its KV cache."""
+    """Bytes one batch-1 decode step must read: weights (one embedding row only, unless the LM head is the
+    embedding table, tied) plus its KV cache."""
     model = engine.model
-    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                  if tied or "embed_tokens" not in n)
     cfg = model.config
     kv = 2 * cfg.num_hidden_layers * cfg.kv_heads * cfg.head_size * context * next(model.parameters()).element_size()
     return int(weights + kv)
@@ -267,6 +276,10 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3, help="alternating batch-1 runs per side (median)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--model", type=Path, help="a checkpoint directory to use instead of the preset's")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 repeat of the batch-1 duel")
+    parser.add_argument("--no-pp", action="store_true", help="skip the PP=2 measurement")
     parser.add_argument("--pp-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -277,11 +290,15 @@ def main() -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda") if cuda else torch.device("cpu")
     dtype = torch.bfloat16 if cuda else torch.float32
-    model_dir = build_checkpoint(args.preset, args.cache)
-    res: dict[str, Any] = {"machine": machine(), "preset": args.preset, "device": str(device), "dtype": str(dtype),
-                           "threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()[0]}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_dir = args.model or build_checkpoint(args.preset, args.cache)
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    res: dict[str, Any] = {"machine": machine(), "preset": str(args.model or args.preset), "device": str(device),
+                           "dtype": str(dtype), "threads": torch.get_num_threads(),
+                           "load_avg_start": os.getloadavg()[0]}
     res["bandwidth_gbs"] = bandwidth_gbs(device)
-    prompts = prompt_tokens(PRESETS[args.preset]["vocab_size"], 16)
+    prompts = prompt_tokens(vocab, 16)
 
     duel = batch1_duel(model_dir, prompts[0], args.tokens, device, dtype, args.rounds)
     engine = duel.pop("engine")
@@ -295,17 +312,28 @@ def main() -> int:
     if not cuda:
         # The same Engine with every matmul on F.linear (MKL/oneDNN): what the decode kernel adds.
         res["cpu_kernel"] = cpu_kernels.load()
+        res["cpu_kernel_level"] = cpu_kernels.level()
         with cpu_kernels.disabled():
             res["engine_f_linear_tok_s"] = sorted(engine_decode(engine, [prompts[0]], args.tokens)[0]
                                                   for _ in range(args.rounds))[args.rounds // 2]
+        # Every instruction-set level of the kernels this CPU runs, at batch 1 and 16 (medians of the rounds).
+        if res["cpu_kernel"]:
+            res["engine_tok_s_by_level"] = {}
+            for name in cpu_kernels.host_levels():
+                with cpu_kernels.using(name):
+                    engine_decode(engine, [prompts[0]], 4)
+                    res["engine_tok_s_by_level"][name] = {
+                        b: sorted(engine_decode(engine, prompts[:b], args.tokens)[0]
+                                  for _ in range(args.rounds))[args.rounds // 2] for b in (1, 16)}
     engine.shutdown()
     del engine
-    if not cuda:
+    if not cuda and not args.no_bf16:
         # The same checkpoint in bfloat16 for both sides: half the bytes per decode step.
         bf16 = batch1_duel(model_dir, prompts[0], args.tokens, device, torch.bfloat16, args.rounds)
         bf16.pop("engine").shutdown()
         res["bfloat16"] = bf16
         res["engine_bf16_vs_hf_fp32"] = bf16["engine_tok_s"] / res["hf_tok_s"]
+    if not cuda and not args.no_pp:
         pp = pp_throughput(model_dir, args.tokens, args.cache)
         res["pp2_tok_s"] = pp
         res["pp2_decode_speedup_4_vs_1_in_flight"] = pp["decode_4_in_flight"] / pp["decode_1_in_flight"]

@@ -139,9 +139,15 @@ def level_flags(level: str) -> list[str]:
 
 
 def library_path(level: str | None = None) -> Path:
-    """The cached library of one level (default: the first load() tries) for this source, torch and flags."""
+    """The cached library of one level (default: the first load() tries) for this source, torch and flags.
+
+    Keyed by torch's release without its local build tag (2.8.0, not 2.8.0+cpu or +cu128): a CPU-only
+    extension uses the same C++ API in every build variant of a release, so the image can build the
+    libraries against the CPU wheel and load them under its CUDA torch.
+    """
     level = level or wanted_levels()[0]
-    key = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode() + " ".join(level_flags(level)).encode())
+    release = torch.__version__.split("+")[0] + f" cxx11abi={int(torch.compiled_with_cxx11_abi())}"
+    key = hashlib.sha256(SOURCE.read_bytes() + release.encode() + " ".join(level_flags(level)).encode())
     return kernel_dir() / f"cpu_kernels-{level}-{key.hexdigest()[:16]}.so"
 
 
