@@ -199,9 +199,13 @@ def test_revision_changes_with_the_pod_template_only() -> None:
                       lm_with(8, 2, 1, serving={"allowFrom": [{"cidr": "10.0.0.0/8"}], "networkPolicy": False})):
         assert template_revision(unchanged, plan_parallelism(unchanged.spec)) == revision
     for changed in (lm_with(8, 2, 1, image="largemodel-runtime:0.2.0"), lm_with(4, 2, 1),
-                    lm_with(8, 2, 1, engine="deepspeed"), lm_with(8, 2, 1, serving={"maxBatchSize": 32}),
+                    lm_with(8, 2, 1, serving={"maxBatchSize": 32}),
                     lm_with(8, 2, 1, serving={"apiKeySecret": "keys"})):
         assert template_revision(changed, plan_parallelism(changed.spec)) != revision
+    # DeepSpeed runs pp=1 only (the planner says so): compare the engines at pp=1.
+    native, deepspeed = lm_with(8, 1, 1), lm_with(8, 1, 1, engine="deepspeed")
+    assert (template_revision(native, plan_parallelism(native.spec))
+            != template_revision(deepspeed, plan_parallelism(deepspeed.spec)))
 
 
 def test_services_follow_serving_ports() -> None:
