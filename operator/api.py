@@ -12,7 +12,7 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from largemodel import modelfacts
+from largemodel import envcontract, modelfacts
 
 GROUP = "serving.largemodel.io"
 VERSION = "v1alpha1"
@@ -175,12 +175,12 @@ class NetworkPeer(_Spec):
 class Serving(_Spec):
     """Ports, admission limits and exposure of the serving rank."""
 
-    http_port: int = Field(default=8000, alias="httpPort", ge=1, le=65535)
-    grpc_port: int = Field(default=9000, alias="grpcPort", ge=1, le=65535)
-    metrics_port: int = Field(default=9100, alias="metricsPort", ge=1, le=65535)
-    max_batch_size: int = Field(default=64, alias="maxBatchSize", ge=1)
-    max_queue: int = Field(default=256, alias="maxQueue", ge=0)
-    max_model_len: int = Field(default=8192, alias="maxModelLen", ge=1)
+    http_port: int = Field(default=envcontract.DEFAULT_HTTP_PORT, alias="httpPort", ge=1, le=65535)
+    grpc_port: int = Field(default=envcontract.DEFAULT_GRPC_PORT, alias="grpcPort", ge=1, le=65535)
+    metrics_port: int = Field(default=envcontract.DEFAULT_METRICS_PORT, alias="metricsPort", ge=1, le=65535)
+    max_batch_size: int = Field(default=envcontract.DEFAULT_MAX_BATCH_SIZE, alias="maxBatchSize", ge=1)
+    max_queue: int = Field(default=envcontract.DEFAULT_MAX_QUEUE, alias="maxQueue", ge=0)
+    max_model_len: int = Field(default=envcontract.DEFAULT_MAX_MODEL_LEN, alias="maxModelLen", ge=1)
     api_key_secret: str = Field(
         default="", alias="apiKeySecret", max_length=253,
         description="Name of a Secret in this namespace whose key `apiKey` is the bearer token every "

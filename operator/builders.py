@@ -139,6 +139,7 @@ def group_env(lm: api.LargeModel, plan: Plan, group: int) -> list[dict[str, Any]
         max_queue=spec.serving.max_queue,
         max_model_len=spec.serving.max_model_len,
         model_name=lm.metadata.name,
+        layers_per_stage=plan.layers_per_stage,
     )
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in contract.as_env().items()]
     for var in (envcontract.NODE_RANK, envcontract.LWS_WORKER_INDEX):

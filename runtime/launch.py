@@ -126,9 +126,6 @@ def run_pod(environ: dict[str, str]) -> int:
     try:
         env = RankEnv.from_environ(environ)
         secret = envcontract.group_secret(environ)
-        envcontract.int_variable(environ, envcontract.METRICS_PORT, envcontract.DEFAULT_METRICS_PORT, 0)
-        envcontract.int_variable(environ, envcontract.MAX_BATCH_SIZE, 8, 1)
-        envcontract.int_variable(environ, envcontract.MAX_MODEL_LEN, 2048, 1)
     except EnvContractError as exc:
         print(f"largemodel rank: {exc}", file=sys.stderr)
         return EXIT_ENV_ERROR

@@ -24,6 +24,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from largemodel import envcontract
 from largemodel.envcontract import RankEnv
 
 log = logging.getLogger(__name__)
@@ -38,8 +39,8 @@ MAX_HELLO = 128  # bytes of an answer; a longer line is not one
 
 
 def liveness_port(master_port: int) -> int:
-    """The port the stage-0 supervisor listens on: right after the rendezvous port."""
-    return master_port + 1
+    """The port the stage-0 supervisor listens on: right after the rendezvous port (the env contract's)."""
+    return envcontract.liveness_port(master_port)
 
 
 def answer(secret: bytes, challenge: bytes, node_rank: int) -> str:

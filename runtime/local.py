@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
         model_uri=model_dir.resolve().as_uri(), model_dtype=lm.spec.model.dtype, micro_batches=plan.micro_batches,
         engine=lm.spec.engine, http_port=http_port, grpc_port=grpc_port, metrics_port=serving.metrics_port,
         max_batch_size=serving.max_batch_size, max_queue=serving.max_queue, max_model_len=serving.max_model_len,
-        model_name=lm.metadata.name,
+        model_name=lm.metadata.name, layers_per_stage=plan.layers_per_stage,
     )
     log.info("run.plan name=%s tp=%d pp=%d micro_batches=%d layers_per_stage=%s model_dir=%s",
              lm.metadata.name, plan.tp, plan.pp, plan.micro_batches, list(plan.layers_per_stage), model_dir)

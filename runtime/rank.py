@@ -23,8 +23,6 @@ from largemodel.envcontract import RankEnv
 log = logging.getLogger(__name__)
 
 EXIT_FATAL = 4
-DEFAULT_MAX_BATCH_SIZE = 8
-DEFAULT_MAX_MODEL_LEN = 2048
 
 
 class PodReadiness:
@@ -104,12 +102,11 @@ def run_rank(local_rank: int, environ: dict[str, str]) -> int:
     rank = env.global_rank(local_rank)
     readiness = PodReadiness(needs_server=env.node_rank == 0)
     if local_rank == 0:
-        serve_pod_metrics(int(environ.get(envcontract.METRICS_PORT) or envcontract.DEFAULT_METRICS_PORT),
-                          environ.get("BIND_HOST", "0.0.0.0"), readiness)
-    max_batch = int(environ.get(envcontract.MAX_BATCH_SIZE) or DEFAULT_MAX_BATCH_SIZE)
-    max_len = int(environ.get(envcontract.MAX_MODEL_LEN) or DEFAULT_MAX_MODEL_LEN)
+        serve_pod_metrics(env.metrics_port, environ.get("BIND_HOST", "0.0.0.0"), readiness)
+    max_batch, max_len = env.max_batch_size, env.max_model_len
     try:
         model_dir = resolve_model_dir(env.model_uri)
+        check_planned_split(model_dir, env)
         ctx = init_distributed(rank, env.world_size, env.tp, env.pp, env.master_addr, env.master_port,
                                bind_host=envcontract.rank_bind_host(environ))
         metrics.RANK_INFO.labels(rank=str(rank), tp_rank=str(ctx.tp_rank), pp_rank=str(ctx.pp_rank), tp=str(env.tp),
@@ -144,6 +141,15 @@ def run_rank(local_rank: int, environ: dict[str, str]) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def check_planned_split(model_dir: Path, env: RankEnv) -> None:
+    """EnvContractError unless this runtime splits the layers exactly as the plan did (LAYERS_PER_STAGE)."""
+    from largemodel.modelfacts import load_config
+    from largemodel.partition import split_layers
+
+    config = load_config(model_dir)
+    env.check_layer_split(split_layers(config.num_hidden_layers, env.pp, config.head_layers))
 
 
 def start_native(model_dir: Path, ctx: object, env: RankEnv, max_batch: int, max_len: int,

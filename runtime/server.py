@@ -113,12 +113,14 @@ class ServerSettings:
                 raise envcontract.EnvContractError(f"environment variable {name}={raw} must be >= {minimum}")
             return value
 
+        # What the operator wrote (ports, limits, name) is the env contract's to read; the rest is the server's.
+        contract = envcontract.RankEnv.from_environ(environ)
         return cls(
             host=environ.get(BIND_HOST_ENV, "") or "0.0.0.0",
-            http_port=int(number(envcontract.HTTP_PORT, 8000, 1)),
-            grpc_port=int(number(envcontract.GRPC_PORT, 9000, 1)),
-            max_queue=int(number(envcontract.MAX_QUEUE, 256)),
-            model_name=environ.get(envcontract.MODEL_NAME, "") or model_dir.name,
+            http_port=contract.http_port,
+            grpc_port=contract.grpc_port,
+            max_queue=contract.max_queue,
+            model_name=contract.model_name or model_dir.name,
             drain_grace_s=number(DRAIN_GRACE_ENV, DEFAULT_DRAIN_GRACE_S),
             max_body_bytes=int(number(MAX_BODY_ENV, DEFAULT_MAX_BODY_BYTES, 1024)),
             api_docs=environ.get(API_DOCS_ENV, "").strip().lower() in ("1", "true", "yes"),

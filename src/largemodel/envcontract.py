@@ -30,6 +30,9 @@ MAX_BATCH_SIZE = "MAX_BATCH_SIZE"
 MAX_QUEUE = "MAX_QUEUE"
 MAX_MODEL_LEN = "MAX_MODEL_LEN"
 MODEL_NAME = "MODEL_NAME"
+# The planner's layer split (status.plan.layersPerStage, comma-separated): the runtime checks its own
+# split equals it, so a pod never silently serves a different layout than the one planned.
+LAYERS_PER_STAGE = "LAYERS_PER_STAGE"
 # LeaderWorkerSet aliases so images written for LWS work unchanged.
 LWS_LEADER_ADDRESS = "LWS_LEADER_ADDRESS"
 LWS_GROUP_SIZE = "LWS_GROUP_SIZE"
@@ -50,7 +53,21 @@ API_KEY_MOUNT = "/var/run/largemodel/api"
 API_KEY_KEY = "apiKey"
 
 DEFAULT_MASTER_PORT = 29500
+# The stage-0 supervisor's liveness link listens next to the rendezvous port.
+LIVENESS_PORT_OFFSET = 1
+# One set of defaults: the API's (operator/api.py Serving takes its defaults from here).
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 9000
 DEFAULT_METRICS_PORT = 9100
+DEFAULT_MAX_BATCH_SIZE = 64
+DEFAULT_MAX_QUEUE = 256
+DEFAULT_MAX_MODEL_LEN = 8192
+ENGINES = ("native", "deepspeed")
+
+
+def liveness_port(master_port: int) -> int:
+    """The stage-0 supervisor's liveness port: MASTER_PORT + LIVENESS_PORT_OFFSET."""
+    return master_port + LIVENESS_PORT_OFFSET
 
 
 def master_address(name: str, group: int, namespace: str) -> str:
@@ -115,10 +132,12 @@ class RankGroupEnv:
     max_queue: int
     max_model_len: int
     model_name: str
+    layers_per_stage: tuple[int, ...] = ()
 
     def as_env(self) -> dict[str, str]:
         """Group-wide variables, NODE_RANK and LWS_WORKER_INDEX excluded (they come per pod)."""
-        return {
+        split = {LAYERS_PER_STAGE: ",".join(map(str, self.layers_per_stage))} if self.layers_per_stage else {}
+        return split | {
             MASTER_ADDR: self.master_addr,
             MASTER_PORT: str(self.master_port),
             NNODES: str(self.pp),
@@ -172,7 +191,7 @@ def int_variable(environ: Mapping[str, str], name: str, default: int | None, min
 
 @dataclass(frozen=True)
 class RankEnv:
-    """What one rank process reads back from its environment."""
+    """Everything a pod reads back from its environment: the one reader of what RankGroupEnv writes."""
 
     master_addr: str
     master_port: int
@@ -187,9 +206,22 @@ class RankEnv:
     model_dtype: str
     micro_batches: int
     engine: str
+    http_port: int = DEFAULT_HTTP_PORT
+    grpc_port: int = DEFAULT_GRPC_PORT
+    metrics_port: int = DEFAULT_METRICS_PORT
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN
+    model_name: str = ""
+    layers_per_stage: tuple[int, ...] = ()
+
+    @property
+    def liveness_port(self) -> int:
+        """Where stage 0's supervisor listens for the other stages."""
+        return liveness_port(self.master_port)
 
     @classmethod
-    def from_environ(cls, environ: dict[str, str] | None = None) -> RankEnv:
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> RankEnv:
         """Parse and cross-check the contract; raise EnvContractError naming the bad variable."""
         import os
 
@@ -201,23 +233,34 @@ class RankEnv:
                 raise EnvContractError(f"environment variable {name} is required but not set")
             return value
 
-        def need_int(name: str, minimum: int = 0) -> int:
-            return int_variable(env, name, None, minimum)
+        def number(name: str, default: int | None, minimum: int = 0, maximum: int | None = None) -> int:
+            value = int_variable(env, name, default, minimum)
+            if maximum is not None and value > maximum:
+                raise EnvContractError(f"environment variable {name}={value} must be <= {maximum}")
+            return value
 
         parsed = cls(
             master_addr=need(MASTER_ADDR),
-            master_port=need_int(MASTER_PORT, 1),
-            nnodes=need_int(NNODES, 1),
-            node_rank=need_int(NODE_RANK, 0),
-            nproc_per_node=need_int(NPROC_PER_NODE, 1),
-            world_size=need_int(WORLD_SIZE, 1),
-            tp=need_int(TP_SIZE, 1),
-            pp=need_int(PP_SIZE, 1),
-            group_index=int(env.get(GROUP_INDEX, "0") or 0),
+            master_port=number(MASTER_PORT, None, 1, 65535 - LIVENESS_PORT_OFFSET),
+            nnodes=number(NNODES, None, 1),
+            node_rank=number(NODE_RANK, None, 0),
+            nproc_per_node=number(NPROC_PER_NODE, None, 1),
+            world_size=number(WORLD_SIZE, None, 1),
+            tp=number(TP_SIZE, None, 1),
+            pp=number(PP_SIZE, None, 1),
+            group_index=number(GROUP_INDEX, 0, 0),
             model_uri=need(MODEL_URI),
             model_dtype=env.get(MODEL_DTYPE, "float32") or "float32",
-            micro_batches=int(env.get(MICRO_BATCHES, "1") or 1),
+            micro_batches=number(MICRO_BATCHES, 1, 1),
             engine=env.get(ENGINE, "native") or "native",
+            http_port=number(HTTP_PORT, DEFAULT_HTTP_PORT, 1, 65535),
+            grpc_port=number(GRPC_PORT, DEFAULT_GRPC_PORT, 1, 65535),
+            metrics_port=number(METRICS_PORT, DEFAULT_METRICS_PORT, 0, 65535),
+            max_batch_size=number(MAX_BATCH_SIZE, DEFAULT_MAX_BATCH_SIZE, 1),
+            max_queue=number(MAX_QUEUE, DEFAULT_MAX_QUEUE, 0),
+            max_model_len=number(MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN, 1),
+            model_name=env.get(MODEL_NAME, ""),
+            layers_per_stage=_layer_split(env.get(LAYERS_PER_STAGE, "")),
         )
         if parsed.nproc_per_node != parsed.tp:
             raise EnvContractError(f"{NPROC_PER_NODE}={parsed.nproc_per_node} must equal {TP_SIZE}={parsed.tp}")
@@ -229,10 +272,33 @@ class RankEnv:
             )
         if parsed.node_rank >= parsed.nnodes:
             raise EnvContractError(f"{NODE_RANK}={parsed.node_rank} must be < {NNODES}={parsed.nnodes}")
-        if parsed.engine not in ("native", "deepspeed"):
+        if parsed.engine not in ENGINES:
             raise EnvContractError(f"{ENGINE}={parsed.engine!r} must be 'native' or 'deepspeed'")
+        if parsed.layers_per_stage and len(parsed.layers_per_stage) != parsed.pp:
+            raise EnvContractError(f"{LAYERS_PER_STAGE}={env[LAYERS_PER_STAGE]!r} must list {PP_SIZE}={parsed.pp} "
+                                   "stages")
         return parsed
+
+    def check_layer_split(self, split: list[int] | tuple[int, ...]) -> None:
+        """EnvContractError unless the runtime's own layer split equals the planned one (when shipped)."""
+        if self.layers_per_stage and tuple(split) != self.layers_per_stage:
+            raise EnvContractError(
+                f"{LAYERS_PER_STAGE}={','.join(map(str, self.layers_per_stage))} (the plan) but this runtime "
+                f"splits the model as {','.join(map(str, split))}: operator and runtime versions disagree")
 
     def global_rank(self, local_rank: int) -> int:
         """RANK = NODE_RANK*tp + LOCAL_RANK: stage-major, so a stage's TP ranks are contiguous."""
         return self.node_rank * self.tp + local_rank
+
+
+def _layer_split(raw: str) -> tuple[int, ...]:
+    if not raw.strip():
+        return ()
+    try:
+        split = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise EnvContractError(f"environment variable {LAYERS_PER_STAGE}={raw!r} is not a comma-separated list of "
+                               "integers") from None
+    if any(n < 1 for n in split):
+        raise EnvContractError(f"environment variable {LAYERS_PER_STAGE}={raw!r}: every stage needs a layer")
+    return split
