@@ -49,9 +49,9 @@ from largemodel.operator.builders import (
     selector_labels,
     template_revision,
 )
-from largemodel.operator.cli import describe_validation_error
 from largemodel.operator.conditions import Cond
 from largemodel.operator.groups import MEMBERS_ANNOTATION, GroupView, observe_groups
+from largemodel.operator.manifest import describe_validation_error
 from largemodel.operator.planner import Plan, PlanError, plan_parallelism
 from largemodel.operator.restarts import (
     RESTARTS_ANNOTATION,

@@ -146,7 +146,7 @@ def _pick_port(requested: int | None, spec_port: int) -> int:
 
 def _prepare(path: str) -> tuple[Any, Any, Path]:
     """Load, plan and resolve the model; any user error is a ValueError with a one-line message."""
-    from largemodel.operator.cli import InputError, load_largemodel
+    from largemodel.operator.manifest import InputError, load_largemodel
     from largemodel.operator.modelconfig import ModelConfigError, inspect_model
     from largemodel.operator.planner import PlanError, plan_parallelism
     from largemodel.runtime.modelstore import ModelStoreError, local_model_dir

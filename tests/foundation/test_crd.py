@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from largemodel.operator import api
-from largemodel.operator.cli import InputError, parse_largemodel
 from largemodel.operator.crd import crd_yaml, generate_crd, openapi_schema
+from largemodel.operator.manifest import InputError, parse_largemodel
 from largemodel.operator.planner import PlanError, plan_parallelism
 
 from .conftest import EXAMPLES, ROOT, example, run_largemodel
