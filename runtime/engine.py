@@ -233,7 +233,7 @@ class Engine:
             if ticket in self._in_flight:
                 works, tokens, logits = self._in_flight.pop(ticket)
                 for work in works:
-                    work.wait()
+                    self.ctx.wait(work, "recv", self.ctx.stage_rank(self.ctx.pp - 1, 0))
                 self._done[ticket] = (tokens.tolist(), logits)
             if ticket not in self._done:
                 raise KeyError(f"unknown ticket {ticket}")

@@ -78,6 +78,10 @@ class ParallelContext:
     tp_group: Any = None
     pp_group: Any = None
     sample_every: int = field(default_factory=lambda: int(os.environ.get(SAMPLE_EVERY_ENV, DEFAULT_SAMPLE_EVERY)))
+    # Issue 17: the rank's collective watchdog (runtime/watchdog.py), told what every blocking
+    # collective waits on; `idle` marks a wait for new work (the next header), which is not a hang.
+    watchdog: Any = None
+    idle: bool = False
     _stats: dict[tuple[str, str], _CollectiveStats] = field(default_factory=dict)
     _pending_events: list[tuple[Any, Any, Any]] = field(default_factory=list)
 
@@ -104,7 +108,33 @@ class ParallelContext:
         stats.bytes.inc(tensor.numel() * tensor.element_size())
         return stats, self.sample_every > 0 and stats.count % self.sample_every == 0
 
-    def _timed(self, op: str, group: str, tensor: Tensor, run: Any) -> Any:
+    def _peers(self) -> str:
+        """The other ranks of this stage's TP group (what a TP collective waits on)."""
+        return ",".join(str(self.stage_rank(self.pp_rank, i)) for i in range(self.tp) if i != self.tp_rank)
+
+    def _timed(self, op: str, group: str, tensor: Tensor, run: Any, peer: str = "") -> Any:
+        dog = None if self.idle else self.watchdog
+        if dog is None:
+            return self._measure(op, group, tensor, run)
+        dog.begin(op, group, peer or self._peers())
+        try:
+            return self._measure(op, group, tensor, run)
+        finally:
+            dog.end()
+
+    def wait(self, work: Any, op: str, peer: int) -> None:
+        """Wait for an isend/irecv to `peer` (global rank) to complete, under the watchdog."""
+        dog = self.watchdog
+        if dog is None:
+            work.wait()
+            return
+        dog.begin(op, "pp", str(peer))
+        try:
+            work.wait()
+        finally:
+            dog.end()
+
+    def _measure(self, op: str, group: str, tensor: Tensor, run: Any) -> Any:
         stats, sampled = self._track(op, group, tensor)
         if not sampled:
             return run()
@@ -164,7 +194,7 @@ class ParallelContext:
 
     def recv(self, tensor: Tensor, src: int) -> Tensor:
         """Receive `tensor` from global rank `src`, blocking."""
-        self._timed("recv", "pp", tensor, lambda: dist.recv(tensor, src=src, group=self.pp_group))
+        self._timed("recv", "pp", tensor, lambda: dist.recv(tensor, src=src, group=self.pp_group), str(src))
         return tensor
 
 

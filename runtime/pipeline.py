@@ -142,6 +142,7 @@ class StageIO:
     ctx: ParallelContext
     model: StageModel
     pending_sends: list[Any] = field(default_factory=list)
+    pending_dst: int = -1  # the global rank the pending sends go to (what the watchdog names)
     step_origin: float = 0.0  # when the step started for the whole pipeline: what the age is counted from
     step_start: float = 0.0  # the window's opening: step_origin, or this stage's last_end if later
     busy: float = 0.0
@@ -172,10 +173,19 @@ class StageIO:
         ctx, device = self.ctx, self.ctx.device
         header = torch.empty(HEADER_LEN, dtype=torch.int64, device=device)
         prev = ctx.stage_rank(ctx.pp_rank - 1) if ctx.pp_rank > 0 else -1
-        if ctx.pp_rank == 0:
-            ctx.broadcast_tp(header)
-        else:
-            ctx.recv(header, prev)
+        # Waiting for the next header is waiting for work: idle, not watched (runtime/watchdog.py).
+        dog, ctx.idle = ctx.watchdog, True
+        if dog is not None:
+            dog.step_end()
+        try:
+            if ctx.pp_rank == 0:
+                ctx.broadcast_tp(header)
+            else:
+                ctx.recv(header, prev)
+        finally:
+            ctx.idle = False
+        if dog is not None:
+            dog.step_begin()
         # The header's arrival anchors the step start; waiting for payload and hidden states is idle time.
         arrived = time.perf_counter()
         payload = torch.empty(payload_size(header.cpu()), dtype=torch.int64, device=device)
@@ -208,6 +218,7 @@ class StageIO:
         self._stamp(mb)
         header, payload = mb.encode()
         dst = self.ctx.stage_rank(self.ctx.pp_rank + 1)
+        self.pending_dst = dst
         tensors = [header, payload] if payload.numel() else [header]
         tensors = [t.to(self.ctx.device) for t in tensors] + ([hidden.contiguous()] if hidden is not None else [])
         # Keep each tensor referenced with its work: gloo reads it after isend returns.
@@ -216,7 +227,7 @@ class StageIO:
     def wait_sends(self) -> None:
         """Block until every earlier send has left."""
         for work, _tensor in self.pending_sends:
-            work.wait()
+            self.ctx.wait(work, "send", self.pending_dst)
         self.pending_sends = []
 
 
@@ -256,5 +267,5 @@ def finish_last_stage(ctx: ParallelContext, sampler: Sampler | None, mb: MicroBa
     out = [torch.tensor(tokens, dtype=torch.int64, device=ctx.device)]
     if mb.want_logits:
         out.append(logits.float().contiguous())
-    io.pending_sends = [(ctx.send(t, 0), t) for t in out]
+    io.pending_sends, io.pending_dst = [(ctx.send(t, 0), t) for t in out], 0
     return None

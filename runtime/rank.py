@@ -19,10 +19,13 @@ from pathlib import Path
 
 from largemodel import envcontract
 from largemodel.envcontract import RankEnv
+from largemodel.runtime.watchdog import hung_reasons
 
 log = logging.getLogger(__name__)
 
 EXIT_FATAL = 4
+POD_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # per pod, shared by its ranks: metrics and the markers below
+LOADED_MARKER = "loaded-rank"  # a rank whose shard is in memory leaves loaded-rank<RANK> there
 
 
 class PodReadiness:
@@ -46,8 +49,17 @@ class PodReadiness:
         return True, "ready"
 
 
-def serve_pod_metrics(port: int, host: str, readiness: PodReadiness | None = None) -> ThreadingHTTPServer:
-    """GET /metrics (every local rank, merged), /healthz and /readyz, in a daemon thread."""
+def pod_loaded(pod_dir: str | None, nproc: int) -> tuple[bool, str]:
+    """(every local rank loaded, why) from the LOADED_MARKER files the ranks leave in the pod's directory."""
+    loaded = len(list(Path(pod_dir).glob(LOADED_MARKER + "*"))) if pod_dir else 0
+    if loaded >= nproc:
+        return True, "loaded"
+    return False, f"loading: {loaded}/{nproc} local ranks have their shard in memory"
+
+
+def serve_pod_metrics(port: int, host: str, readiness: PodReadiness | None = None,
+                      nproc: int = 1) -> ThreadingHTTPServer:
+    """GET /metrics (every local rank, merged), /healthz, /startedz and /readyz, in a daemon thread."""
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
     class Handler(BaseHTTPRequestHandler):
@@ -58,7 +70,14 @@ def serve_pod_metrics(port: int, host: str, readiness: PodReadiness | None = Non
                 multiprocess.MultiProcessCollector(registry)
                 body, ctype, code = generate_latest(registry), CONTENT_TYPE_LATEST, 200
             elif path == "/healthz":
-                body, ctype, code = b"ok\n", "text/plain", 200
+                # A rank whose collective watchdog fired fails liveness (issue 17).
+                hung = hung_reasons(os.environ.get(POD_DIR_ENV))
+                body, ctype, code = ("\n".join(hung) + "\n").encode() if hung else b"ok\n", "text/plain", (
+                    503 if hung else 200)
+            elif path == "/startedz":
+                # The startupProbe: every local rank has its shard in memory (issue 17).
+                ok, why = pod_loaded(os.environ.get(POD_DIR_ENV), nproc)
+                body, ctype, code = (why + "\n").encode(), "text/plain", 200 if ok else 503
             elif path == "/readyz":
                 ok, why = readiness.ready() if readiness is not None else (False, "no readiness source")
                 body, ctype, code = (why + "\n").encode(), "text/plain", 200 if ok else 503
@@ -97,12 +116,13 @@ def run_rank(local_rank: int, environ: dict[str, str]) -> int:
     from largemodel import metrics
     from largemodel.modeluri import resolve_model_dir
     from largemodel.runtime.parallel import init_distributed
+    from largemodel.runtime.watchdog import COLLECTIVE_TIMEOUT_ENV, Watchdog
 
     env = RankEnv.from_environ(environ)
     rank = env.global_rank(local_rank)
     readiness = PodReadiness(needs_server=env.node_rank == 0)
     if local_rank == 0:
-        serve_pod_metrics(env.metrics_port, environ.get("BIND_HOST", "0.0.0.0"), readiness)
+        serve_pod_metrics(env.metrics_port, environ.get("BIND_HOST", "0.0.0.0"), readiness, env.tp)
     max_batch, max_len = env.max_batch_size, env.max_model_len
     try:
         model_dir = resolve_model_dir(env.model_uri)
@@ -112,10 +132,15 @@ def run_rank(local_rank: int, environ: dict[str, str]) -> int:
         metrics.RANK_INFO.labels(rank=str(rank), tp_rank=str(ctx.tp_rank), pp_rank=str(ctx.pp_rank), tp=str(env.tp),
                                  pp=str(env.pp), group=str(env.group_index), backend=ctx.backend,
                                  engine=env.engine).set(1)
+        timeout_s = float(environ.get(COLLECTIVE_TIMEOUT_ENV) or 0)
+        if timeout_s > 0:
+            ctx.watchdog = Watchdog(rank, timeout_s, marker_dir=environ.get(POD_DIR_ENV)).start()
         began = time.perf_counter()
 
         def on_loaded() -> None:
             metrics.MODEL_LOAD_SECONDS.set(time.perf_counter() - began)
+            if environ.get(POD_DIR_ENV):
+                Path(environ[POD_DIR_ENV], f"{LOADED_MARKER}{rank}").touch()
             # Every rank calls this right after its shard is in memory, so passing the barrier
             # means the whole group has loaded and joined: the pod may report ready.
             dist.barrier()
