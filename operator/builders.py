@@ -1,4 +1,4 @@
-"""Pure builders: LargeModel + Plan -> the child objects of DESIGN section 3.
+"""Pure builders: LargeModel + Plan -> the child objects of docs/DESIGN.md#operator.
 
 Nothing here talks to the API server; the reconcile loop diffs these dicts against what exists.
 

@@ -1,4 +1,4 @@
-"""The model-aware planner: choose or check a tensor x pipeline layout (DESIGN section 1).
+"""The model-aware planner: choose or check a tensor x pipeline layout (docs/DESIGN.md#planning).
 
 Rules, in the order they are checked:
 - TP never crosses a node: tp <= gpu.perNode.

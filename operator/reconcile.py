@@ -2,7 +2,7 @@
 
 (LargeModel body, observed children and pods, now) -> (writes to make, Events, new status).
 Restart history rides in the body's annotations (see restarts.py). Nothing here talks to the
-API server; handlers.py runs the result. The rules (DESIGN section 3):
+API server; handlers.py runs the result. The rules (docs/DESIGN.md#operator):
 
 - Invalid spec (schema or planner): Admitted=False with the message, an Event, phase Failed, and
   no writes to children: a new resource gets none, an edited one keeps serving what it has.

@@ -1,4 +1,4 @@
-"""The environment contract between the operator and the runtime (DESIGN section 3).
+"""The environment contract between the operator and the runtime (docs/DESIGN.md#env-contract).
 
 The builders write these variables into every rank pod and the runtime launcher reads them
 back; both import the names from here so they cannot drift apart.

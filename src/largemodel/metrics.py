@@ -1,4 +1,4 @@
-"""Every Prometheus metric largemodel exports, declared once (DESIGN section 5).
+"""Every Prometheus metric largemodel exports, declared once (docs/DESIGN.md#metrics).
 
 docs/OBSERVABILITY.md is the reference (type, labels, meaning). Gauges name a
 `multiprocess_mode` because a pod's local ranks write one prometheus_client multiprocess

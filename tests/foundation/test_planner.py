@@ -1,4 +1,4 @@
-"""Table tests of the planner: DESIGN section 1's worked examples, memory fit, auto, and rejections."""
+"""Table tests of the planner: docs/DESIGN.md#planning's worked examples, memory fit, auto, and rejections."""
 
 from __future__ import annotations
 
