@@ -17,6 +17,13 @@ class Observed:
     services: Sequence[Obj] = ()
     pods: Sequence[Obj] = ()
     networkpolicies: Sequence[Obj] = ()
+    # Issue 17. PodGroups of the gang scheduler in use (and of the one used before, to delete them);
+    # None: the cluster does not serve the PodGroup CRD that spec.placement.gang needs.
+    podgroups: Sequence[Obj] | None = ()
+    # The operator's cache of Node facts (operator/fit.py); None: no Node information yet.
+    nodes: Sequence[Any] | None = None
+    # GPUs the watched rank pods hold, by node and resource.
+    gpu_usage: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -69,6 +76,9 @@ class Result:
     requeue_after: float | None = None  # run again after this many seconds even if nothing changes
     group_states: dict[str, int] = field(default_factory=dict)
     restarts: int = 0  # group restarts decided in this pass
+    # Issue 17: (phase, seconds) of every group that turned Ready for the first time in this pass:
+    # phases scheduling, image, load, join, total, and recovery (after a restart).
+    lifecycle: tuple[tuple[str, float], ...] = ()
 
     @property
     def writes(self) -> int:

@@ -226,12 +226,58 @@ class Toleration(_Spec):
     toleration_seconds: int | None = Field(default=None, alias="tolerationSeconds")
 
 
+GangMode = Literal["none", "scheduler-plugins", "volcano", "kueue"]
+
+
 class Placement(_Spec):
-    """Where rank pods may go; stages of a group prefer one packTopologyKey domain."""
+    """Where rank pods may go, how a group is scheduled as one, and how its stages are packed."""
 
     node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector")
     tolerations: list[Toleration] = Field(default_factory=list)
     pack_topology_key: str = Field(default="topology.kubernetes.io/zone", alias="packTopologyKey")
+    gang: GangMode = Field(
+        default="none",
+        description="Gang scheduling of each rank group: none; scheduler-plugins (a PodGroup "
+                    "scheduling.x-k8s.io/v1alpha1 per group, minMember = pp); volcano (a PodGroup "
+                    "scheduling.volcano.sh/v1beta1 per group and schedulerName volcano); kueue (the pod-group "
+                    "labels and annotation Kueue's pod integration reads).")
+    scheduler_name: str = Field(
+        default="", alias="schedulerName", max_length=253,
+        description="schedulerName of the rank pods; empty: scheduler-plugins-scheduler for gang "
+                    "scheduler-plugins, volcano for gang volcano, the cluster default otherwise.")
+    queue_name: str = Field(
+        default="", alias="queueName", max_length=253,
+        description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name) or Volcano Queue (PodGroup spec.queue).")
+    schedule_timeout_seconds: int = Field(
+        default=600, alias="scheduleTimeoutSeconds", ge=1,
+        description="scheduler-plugins PodGroup scheduleTimeoutSeconds: how long placed pods wait for the rest.")
+    topology_key: str = Field(
+        default="", alias="topologyKey", max_length=317,
+        description="A node label (rack, NVLink domain, zone): every stage of a group must land in one domain "
+                    "of it (required pod affinity on the group label). Empty: no requirement.")
+    exclusive: bool = Field(
+        default=False,
+        description="With topologyKey: a group owns its domain; no other group's rank pods may land in it.")
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra=_cel(
+            ("!has(self.exclusive) || !self.exclusive || (has(self.topologyKey) && self.topologyKey != '')",
+             "placement.exclusive needs placement.topologyKey"),
+            ("!has(self.queueName) || self.queueName == '' || (has(self.gang) && self.gang in ['kueue', 'volcano'])",
+             "placement.queueName needs placement.gang kueue or volcano"),
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _exclusive_needs_topology(self) -> Placement:
+        # Mirrors the CEL rules above so files checked by the CLI fail the same way.
+        if self.exclusive and not self.topology_key:
+            raise ValueError("placement.exclusive needs placement.topologyKey")
+        if self.queue_name and self.gang not in ("kueue", "volcano"):
+            raise ValueError("placement.queueName needs placement.gang kueue or volcano")
+        return self
 
 
 class Restart(_Spec):
@@ -240,6 +286,27 @@ class Restart(_Spec):
     max_group_restarts: int = Field(default=5, alias="maxGroupRestarts", ge=0)
     window_seconds: int = Field(default=3600, alias="windowSeconds", ge=1)
     backoff_seconds: int = Field(default=10, alias="backoffSeconds", ge=0)
+    max_startup_restarts: int = Field(
+        default=3, alias="maxStartupRestarts", ge=0,
+        description="Restarts of a group that never became Ready (a load that ran past its startup probe, "
+                    "a failed join), counted apart from maxGroupRestarts within the same window.")
+    collective_timeout_seconds: int = Field(
+        default=120, alias="collectiveTimeoutSeconds", ge=5, le=3600,
+        description="A rank waiting longer than this in one collective of a step (or a step making no "
+                    "progress) logs the collective, group and peer, fails liveness and exits: the group "
+                    "is recreated within the restart budget.")
+
+
+class Startup(_Spec):
+    """How long a pod may take from start to its group joined (the startupProbe)."""
+
+    load_rate_mb_per_second: float = Field(
+        default=200.0, alias="loadRateMBps", gt=0,
+        description="Read rate of the weights each rank may count on (MB/s, 10^6 bytes); sizes the startupProbe.")
+    timeout_seconds: int | None = Field(
+        default=None, alias="timeoutSeconds", ge=30,
+        description="Override: the startupProbe's whole budget in seconds (else sized from the plan's weight "
+                    "bytes per GPU and loadRateMBps).")
 
 
 class Rollout(_Spec):
@@ -261,6 +328,7 @@ class LargeModelSpec(_Spec):
     placement: Placement = Field(default_factory=Placement)
     restart: Restart = Field(default_factory=Restart)
     rollout: Rollout = Field(default_factory=Rollout)
+    startup: Startup = Field(default_factory=Startup)
 
     model_config = ConfigDict(
         extra="forbid",

@@ -25,21 +25,26 @@ import json
 from typing import Any
 
 from largemodel import envcontract
+from largemodel.hangcontract import COLLECTIVE_TIMEOUT_ENV
 from largemodel.modeluri import HF_CACHE_MOUNT, MODELS_MOUNT, pvc_claim
-from largemodel.operator import api
-from largemodel.operator.planner import Plan
+from largemodel.operator import api, gang, lifecycle
+from largemodel.operator.planner import GIB, Plan
 
 LABEL_NAME = "serving.largemodel.io/name"
 LABEL_GROUP = "serving.largemodel.io/group"
 LABEL_STAGE = "serving.largemodel.io/stage"
 LABEL_REVISION = "serving.largemodel.io/revision"
+# Issue 17: every rank pod names its group uniquely (LargeModel + index), so exclusive topology can
+# keep other groups out of a group's domain with one anti-affinity term.
+LABEL_GROUP_KEY = "serving.largemodel.io/group-key"
 POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "largemodel-operator", "app.kubernetes.io/part-of": "largemodel"}
 HF_CACHE_CLAIM_ANNOTATION = "serving.largemodel.io/hf-cache-claim"
 CONTAINER_NAME = "rank"
 RUN_AS_USER = 1000
 # Bump when the builders change the pod template in a way the spec does not show, so groups roll.
-TEMPLATE_SCHEMA = 2  # 2: rank ports bind POD_IP, the group secret is mounted (issue 14)
+TEMPLATE_SCHEMA = 3  # 2: rank ports bind POD_IP, the group secret is mounted (issue 14); 3: startupProbe,
+# collective watchdog, group-key label (issue 17)
 GROUP_SECRET_MODE = 0o440  # read-only for the pod's user and fsGroup
 
 
@@ -113,6 +118,8 @@ def template_revision(lm: api.LargeModel, plan: Plan) -> str:
         "serving": spec.serving.model_dump(mode="json", by_alias=True, exclude={"allow_from", "network_policy"}),
         "gpu": spec.gpu.resource,
         "placement": spec.placement.model_dump(mode="json", by_alias=True),
+        "startup": spec.startup.model_dump(mode="json", by_alias=True),
+        "collectiveTimeout": spec.restart.collective_timeout_seconds,
         "hfCache": lm.metadata.annotations.get(HF_CACHE_CLAIM_ANNOTATION, ""),
     }
     digest = hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()
@@ -148,6 +155,7 @@ def group_env(lm: api.LargeModel, plan: Plan, group: int) -> list[dict[str, Any]
     env.append({"name": envcontract.POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
     env.append({"name": envcontract.GROUP_SECRET_FILE,
                 "value": f"{envcontract.GROUP_SECRET_MOUNT}/{envcontract.GROUP_SECRET_KEY}"})
+    env.append({"name": COLLECTIVE_TIMEOUT_ENV, "value": str(spec.restart.collective_timeout_seconds)})
     if spec.serving.api_key_secret:
         env.append({"name": envcontract.API_KEY_FILE, "value": f"{envcontract.API_KEY_MOUNT}/{envcontract.API_KEY_KEY}"})
     return env
@@ -219,21 +227,57 @@ def _container(lm: api.LargeModel, plan: Plan, group: int) -> dict[str, Any]:
             "periodSeconds": 5,
             "failureThreshold": 3,
         },
+        # Liveness starts once the startupProbe passed (this pod's shards are in memory); the
+        # startupProbe's budget is sized from the plan's weight bytes per GPU (issue 17).
+        "startupProbe": lifecycle.startup_probe(plan, lm.spec.startup.load_rate_mb_per_second,
+                                                lm.spec.startup.timeout_seconds, "metrics"),
         "livenessProbe": {
             "httpGet": {"path": "/healthz", "port": "metrics"},
-            "initialDelaySeconds": 15,
             "periodSeconds": 10,
-            "failureThreshold": 6,
+            "failureThreshold": 3,
         },
         "securityContext": _security_context(),
         "volumeMounts": mounts,
     }
 
 
+def _affinity(lm: api.LargeModel, group: int) -> dict[str, Any]:
+    """Stages of a group prefer one packTopologyKey domain; with topologyKey they must share one, and
+    with exclusive no other group's rank pod may be in it (LeaderWorkerSet's exclusive topology)."""
+    placement = lm.spec.placement
+    group_labels = {LABEL_NAME: lm.metadata.name, LABEL_GROUP: str(group)}
+    pod_affinity: dict[str, Any] = {
+        "preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "podAffinityTerm": {"labelSelector": {"matchLabels": group_labels},
+                                                "topologyKey": placement.pack_topology_key}}
+        ]
+    }
+    affinity: dict[str, Any] = {"podAffinity": pod_affinity}
+    if placement.topology_key:
+        pod_affinity["requiredDuringSchedulingIgnoredDuringExecution"] = [
+            {"labelSelector": {"matchLabels": group_labels}, "topologyKey": placement.topology_key}
+        ]
+    if placement.topology_key and placement.exclusive:
+        key = group_key(lm.metadata.name, group)
+        affinity["podAntiAffinity"] = {"requiredDuringSchedulingIgnoredDuringExecution": [{
+            "labelSelector": {"matchExpressions": [
+                {"key": LABEL_GROUP_KEY, "operator": "Exists"},
+                {"key": LABEL_GROUP_KEY, "operator": "NotIn", "values": [key]},
+            ]},
+            "topologyKey": placement.topology_key,
+            "namespaceSelector": {},  # groups of every namespace stay out
+        }]}
+    return affinity
+
+
+def group_key(name: str, group: int) -> str:
+    """The LABEL_GROUP_KEY value of a group's pods (unique within a namespace)."""
+    return group_name(name, group)
+
+
 def _pod_spec(lm: api.LargeModel, plan: Plan, group: int) -> dict[str, Any]:
     placement = lm.spec.placement
     volumes, _ = _volumes(lm)
-    group_labels = {LABEL_NAME: lm.metadata.name, LABEL_GROUP: str(group)}
     spec: dict[str, Any] = {
         "containers": [_container(lm, plan, group)],
         "volumes": volumes,
@@ -250,20 +294,11 @@ def _pod_spec(lm: api.LargeModel, plan: Plan, group: int) -> dict[str, Any]:
             "fsGroup": RUN_AS_USER,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "affinity": {
-            "podAffinity": {
-                "preferredDuringSchedulingIgnoredDuringExecution": [
-                    {
-                        "weight": 100,
-                        "podAffinityTerm": {
-                            "labelSelector": {"matchLabels": group_labels},
-                            "topologyKey": placement.pack_topology_key,
-                        },
-                    }
-                ]
-            }
-        },
+        "affinity": _affinity(lm, group),
     }
+    scheduler = gang.scheduler_name(placement)
+    if scheduler:
+        spec["schedulerName"] = scheduler
     if placement.node_selector:
         spec["nodeSelector"] = dict(placement.node_selector)
     if placement.tolerations:
@@ -274,7 +309,10 @@ def _pod_spec(lm: api.LargeModel, plan: Plan, group: int) -> dict[str, Any]:
 def build_group_statefulset(lm: api.LargeModel, plan: Plan, group: int, revision: str) -> dict[str, Any]:
     """StatefulSet `NAME-g<group>`: pp pods (one per stage), each holding tp GPUs."""
     group_labels = {LABEL_GROUP: str(group)}
-    pod_labels = {**selector_labels(lm), **group_labels, LABEL_REVISION: revision}
+    sts_name = group_name(lm.metadata.name, group)
+    gang_labels, gang_annotations = gang.pod_metadata(lm.spec.placement, plan, sts_name)
+    pod_labels = {**selector_labels(lm), **group_labels, LABEL_REVISION: revision,
+                  LABEL_GROUP_KEY: group_key(lm.metadata.name, group), **gang_labels}
     return {
         "apiVersion": "apps/v1",
         "kind": "StatefulSet",
@@ -290,7 +328,7 @@ def build_group_statefulset(lm: api.LargeModel, plan: Plan, group: int, revision
             "template": {
                 "metadata": {
                     "labels": pod_labels,
-                    "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER_NAME},
+                    "annotations": {"kubectl.kubernetes.io/default-container": CONTAINER_NAME, **gang_annotations},
                 },
                 "spec": _pod_spec(lm, plan, group),
             },
@@ -388,10 +426,27 @@ def build_network_policy(lm: api.LargeModel) -> dict[str, Any]:
     }
 
 
+def build_podgroup(lm: api.LargeModel, plan: Plan, group: int) -> dict[str, Any] | None:
+    """The gang scheduler's PodGroup of group `group` (named like its StatefulSet); None when
+    spec.placement.gang needs no object (none, kueue). See operator/gang.py."""
+    meta = _metadata(lm, group_name(lm.metadata.name, group), {LABEL_GROUP: str(group)})
+    return gang.build_podgroup(lm, plan, meta)
+
+
+def weight_bytes_per_gpu(plan: Plan) -> float:
+    """The plan's weight bytes per GPU (what one rank reads at startup)."""
+    return plan.weight_gib_per_gpu * GIB
+
+
 def build_children(lm: api.LargeModel, plan: Plan, revision: str) -> list[dict[str, Any]]:
-    """Every child of `lm` but the group Secret: the group StatefulSets, the ranks and client Services,
-    and the NetworkPolicy (unless spec.serving.networkPolicy is false)."""
-    groups = [build_group_statefulset(lm, plan, g, revision) for g in range(lm.spec.replicas)]
+    """Every child of `lm` but the group Secret: each group's PodGroup (gang scheduling) and
+    StatefulSet, the ranks and client Services, and the NetworkPolicy (unless
+    spec.serving.networkPolicy is false)."""
+    groups: list[dict[str, Any]] = []
+    for g in range(lm.spec.replicas):
+        podgroup = build_podgroup(lm, plan, g)
+        groups += [podgroup] if podgroup is not None else []
+        groups.append(build_group_statefulset(lm, plan, g, revision))
     policy = [build_network_policy(lm)] if lm.spec.serving.network_policy else []
     return [*groups, build_ranks_service(lm), build_client_service(lm), *policy]
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-CONDITION_TYPES = ("Admitted", "Progressing", "Ready", "Degraded")
+CONDITION_TYPES = ("Admitted", "Progressing", "Ready", "Degraded", "Schedulable")
 
 
 @dataclass(frozen=True)
@@ -15,7 +15,7 @@ class Cond:
     """A condition as one reconcile pass decides it."""
 
     type: str
-    status: bool
+    status: bool | None  # None: Unknown
     reason: str
     message: str
 
@@ -36,7 +36,7 @@ def render(
     """status.conditions: keep each old lastTransitionTime unless that condition's status flipped."""
     out = []
     for cond in new:
-        status = "True" if cond.status else "False"
+        status = "Unknown" if cond.status is None else "True" if cond.status else "False"
         before = find(old, cond.type)
         since = before.get("lastTransitionTime") if before and before.get("status") == status else None
         out.append(

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from largemodel.hangcontract import EXIT_HUNG
 from largemodel.operator.builders import LABEL_GROUP, LABEL_NAME, LABEL_REVISION, pod_stage
 
 MEMBERS_ANNOTATION = "serving.largemodel.io/members"
@@ -81,7 +82,13 @@ def pod_problem(pod: Obj) -> str:
     for container in (status.get("containerStatuses") or []) + (status.get("initContainerStatuses") or []):
         count = int(container.get("restartCount") or 0)
         if count > 0:
-            return f"pod {name} container {container.get('name', '?')} restarted ({count}x)"
+            last = ((container.get("lastState") or {}).get("terminated") or {})
+            why = ""
+            if last.get("exitCode") is not None:
+                why = f", exit code {last['exitCode']}"
+                if last["exitCode"] == EXIT_HUNG:
+                    why += ": a collective hung (the rank's watchdog named it in the log)"
+            return f"pod {name} container {container.get('name', '?')} restarted ({count}x{why})"
     return ""
 
 

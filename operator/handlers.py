@@ -24,11 +24,11 @@ from typing import Any, cast
 import kopf
 
 from largemodel import metrics
-from largemodel.operator import api
+from largemodel.operator import api, fit
 from largemodel.operator.actions import Event
 from largemodel.operator.builders import LABEL_NAME
 from largemodel.operator.kubeclient import ApiError, KubeClient
-from largemodel.operator.passes import run_pass
+from largemodel.operator.passes import ClusterView, run_pass
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,10 @@ class _Runtime:
     wakeups: dict[tuple[str, str], asyncio.Event] = field(default_factory=dict)
     failures: dict[tuple[str, str], int] = field(default_factory=dict)
     group_states: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    # Issue 17: the Node and GPU-use caches fit() reads (operator/fit.py), fed by watches.
+    nodes: dict[str, fit.NodeFacts] | None = None
+    pod_usage: dict[str, tuple[str, dict[str, int]]] = field(default_factory=dict)  # pod uid -> (node, GPUs)
+    fit_fingerprint: int = 0
 
 
 _rt = _Runtime()
@@ -119,6 +123,7 @@ async def startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     _rt.wakeups.clear()
     _rt.failures.clear()
     _rt.group_states.clear()
+    _rt.nodes, _rt.pod_usage, _rt.fit_fingerprint = None, {}, 0
     settings.peering.standalone = True  # one replica (Recreate strategy); no peering objects or RBAC
     settings.scanning.disabled = True  # never list CRDs or namespaces cluster-wide
     settings.persistence.finalizer = FINALIZER
@@ -171,6 +176,52 @@ async def child_changed(namespace: str | None, labels: Mapping[str, str], **_: A
     _wake(namespace, labels.get(LABEL_NAME))
 
 
+def _cluster_view() -> ClusterView:
+    usage: dict[str, dict[str, int]] = {}
+    for node, requests in _rt.pod_usage.values():
+        totals = usage.setdefault(node, {})
+        for resource, count in requests.items():
+            totals[resource] = totals.get(resource, 0) + count
+    return ClusterView(nodes=None if _rt.nodes is None else tuple(_rt.nodes.values()), gpu_usage=usage)
+
+
+def _fit_facts_changed() -> None:
+    """Wake every daemon when what fit() reads changed; node heartbeats change nothing and wake none."""
+    view = _cluster_view()
+    current = fit.fingerprint(view.nodes or (), view.gpu_usage) if view.nodes is not None else 0
+    if current != _rt.fit_fingerprint:
+        _rt.fit_fingerprint = current
+        for wake in list(_rt.wakeups.values()):
+            wake.set()
+
+
+@kopf.on.event("", "v1", "nodes")
+async def node_changed(name: str | None, body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002
+    """Keep the Node facts cache (allocatable GPUs, labels, taints, Ready) for the Schedulable condition."""
+    if _rt.nodes is None:
+        _rt.nodes = {}
+    if not name:
+        return
+    if type == "DELETED":
+        _rt.nodes.pop(name, None)
+    else:
+        _rt.nodes[name] = fit.node_facts(cast(Mapping[str, Any], body))
+    _fit_facts_changed()
+
+
+@kopf.on.event("", "v1", "pods", labels={LABEL_NAME: kopf.PRESENT})
+async def pod_usage_changed(uid: str | None, body: kopf.Body, type: str | None, **_: Any) -> None:  # noqa: A002
+    """Keep the GPUs each watched rank pod holds on its node."""
+    if not uid:
+        return
+    usage = None if type == "DELETED" else fit.pod_gpu_usage(cast(Mapping[str, Any], body))
+    if usage is None:
+        _rt.pod_usage.pop(uid, None)
+    else:
+        _rt.pod_usage[uid] = usage
+    _fit_facts_changed()
+
+
 async def _sleep_until_woken(wake: asyncio.Event, stopped: kopf.DaemonStopped, timeout: float) -> None:
     waiters = {asyncio.ensure_future(wake.wait()), asyncio.ensure_future(stopped.wait())}
     try:
@@ -191,7 +242,7 @@ async def largemodel_daemon(namespace: str | None, name: str, stopped: kopf.Daem
         while not stopped:
             wake.clear()
             try:
-                result = await run_pass(await _client(), namespace, name, _post_event)
+                result = await run_pass(await _client(), namespace, name, _post_event, _cluster_view())
             except ApiError as err:
                 if err.status == 401:
                     _relogin()

@@ -9,6 +9,7 @@ can see how many writes a pass made.
 
 from __future__ import annotations
 
+import builtins
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -27,7 +28,7 @@ USER_AGENT = "largemodel-operator/0.1"
 TRANSIENT_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
 
 _PLURALS = {"StatefulSet": "statefulsets", "Service": "services", "Pod": "pods", "Secret": "secrets",
-            "NetworkPolicy": "networkpolicies", api.KIND: api.PLURAL}
+            "NetworkPolicy": "networkpolicies", "PodGroup": "podgroups", api.KIND: api.PLURAL}
 
 
 class ApiError(Exception):
@@ -114,6 +115,11 @@ class KubeClient:
         """LIST a collection by label selector."""
         data = await self._call("GET", path, params={"labelSelector": selector})
         return list((data or {}).get("items") or [])
+
+    async def list_if_served(self, path: str, selector: str) -> builtins.list[dict[str, Any]] | None:
+        """LIST a collection by label selector; None when the server does not serve the resource (404)."""
+        data = await self._call("GET", path, params={"labelSelector": selector}, missing_ok=True)
+        return None if data is None else list(data.get("items") or [])
 
     async def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """POST an object."""

@@ -43,18 +43,35 @@ RULES: list[dict[str, Any]] = [
     # when spec.serving.networkPolicy turns false.
     {"apiGroups": ["networking.k8s.io"], "resources": ["networkpolicies"],
      "verbs": ["list", "watch", "create", "patch", "delete"]},
+    # Gang scheduling (issue 17), only the PodGroups of the two schedulers that have one. list: each
+    # pass reads the LargeModel's PodGroups by name label (a 404 means the CRD is not installed: a
+    # GangUnavailable condition). create: one per group before its StatefulSet. patch: drift back.
+    # delete: with its group on scale-down, or all of them when spec.placement.gang changes. Never
+    # watched: a pass runs on every change of the group's pods anyway.
+    {"apiGroups": ["scheduling.x-k8s.io"], "resources": ["podgroups"], "verbs": ["list", "create", "patch", "delete"]},
+    {"apiGroups": ["scheduling.volcano.sh"], "resources": ["podgroups"],
+     "verbs": ["list", "create", "patch", "delete"]},
+]
+
+# Cluster-scoped, so granted by a ClusterRole even for a namespaced install (issue 17): list/watch
+# Nodes feed the fit cache behind the Schedulable condition (allocatable GPUs, labels, taints, Ready).
+# Nodes are never written.
+CLUSTER_RULES: list[dict[str, Any]] = [
+    {"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]},
 ]
 
 
 def allowed(group: str, resource: str, verb: str) -> bool:
     """Whether RULES grant `verb` on `resource` (plural, optionally "/subresource") in `group`."""
     return any(
-        group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"] for rule in RULES
+        group in rule["apiGroups"] and resource in rule["resources"] and verb in rule["verbs"]
+        for rule in [*RULES, *CLUSTER_RULES]
     )
 
 
 def role(name: str, namespace: str | None = None) -> dict[str, Any]:
-    """A Role (namespaced) or ClusterRole (namespace None) granting exactly RULES."""
+    """A Role (namespaced) or ClusterRole (namespace None) granting exactly RULES (a cluster-wide
+    install also needs CLUSTER_RULES in its ClusterRole: `cluster_role()`)."""
     meta: dict[str, Any] = {"name": name}
     if namespace is not None:
         meta["namespace"] = namespace
@@ -63,4 +80,15 @@ def role(name: str, namespace: str | None = None) -> dict[str, Any]:
         "kind": "ClusterRole" if namespace is None else "Role",
         "metadata": meta,
         "rules": [{k: list(v) for k, v in rule.items()} for rule in RULES],
+    }
+
+
+def cluster_role(name: str, namespaced_install: bool) -> dict[str, Any]:
+    """The ClusterRole of an install: RULES + CLUSTER_RULES cluster-wide, only CLUSTER_RULES for a namespaced one."""
+    rules = CLUSTER_RULES if namespaced_install else [*RULES, *CLUSTER_RULES]
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "ClusterRole",
+        "metadata": {"name": name},
+        "rules": [{k: list(v) for k, v in rule.items()} for rule in rules],
     }

@@ -24,6 +24,15 @@ API server; handlers.py runs the result. The rules (docs/DESIGN.md#operator):
 - A broken group (groups.py) is recreated within the restart budget (restarts.py), else left
   down with Degraded=True.
 - Status is written only when it differs, so a steady state makes zero writes.
+- Issue 17. Gang scheduling: a PodGroup per group (spec.placement.gang scheduler-plugins or
+  volcano) is created before its StatefulSet, patched back on drift and deleted with its group or
+  when the gang mode changes; a gang mode whose CRD the cluster does not serve is a user error
+  (Admitted=False, reason GangUnavailable) and creates nothing. A group that fails before it was
+  ever Ready counts against restart.maxStartupRestarts, not the crash-loop budget. Schedulable says
+  how many groups fit in the free capacity of the cached Node facts (operator/fit.py) and why a
+  waiting one does not. status.groups[] carries each group's startPhase and measured lifecycle
+  (operator/lifecycle.py); a group still loading is looked at again every LOADING_REQUEUE_S so
+  its Loading n% moves.
 """
 
 from __future__ import annotations
@@ -36,21 +45,23 @@ from typing import Any
 
 import pydantic
 
-from largemodel.operator import api, conditions
+from largemodel.operator import api, conditions, fit, gang, lifecycle
 from largemodel.operator.actions import Action, Create, Delete, Event, Observed, Patch, Result
 from largemodel.operator.builders import (
     build_client_service,
     build_group_secret,
     build_group_statefulset,
     build_network_policy,
+    build_podgroup,
     build_ranks_service,
     endpoint,
     group_name,
     selector_labels,
     template_revision,
+    weight_bytes_per_gpu,
 )
 from largemodel.operator.conditions import Cond
-from largemodel.operator.groups import MEMBERS_ANNOTATION, GroupView, observe_groups
+from largemodel.operator.groups import MEMBERS_ANNOTATION, GroupView, group_index, observe_groups
 from largemodel.operator.manifest import describe_validation_error
 from largemodel.operator.planner import Plan, PlanError, plan_parallelism
 from largemodel.operator.restarts import (
@@ -64,6 +75,7 @@ from largemodel.operator.restarts import (
 )
 
 Obj = Mapping[str, Any]
+LOADING_REQUEUE_S = 10.0
 
 __all__ = ["Action", "Create", "Delete", "Event", "Observed", "Patch", "Result", "admit", "reconcile"]
 
@@ -141,6 +153,8 @@ class _Pass:
     waits: list[float] = field(default_factory=list)
     restarts: int = 0
     down: list[int] = field(default_factory=list)
+    old_groups: dict[int, Obj] = field(default_factory=dict)  # status.groups of the last pass, by index
+    lifecycle_events: list[tuple[str, float]] = field(default_factory=list)
 
     def warn(self, reason: str, message: str) -> None:
         self.events.append(Event("Warning", reason, message))
@@ -149,18 +163,29 @@ class _Pass:
         self.events.append(Event("Normal", reason, message))
 
 
+def _was_ready(p: _Pass, view: GroupView) -> bool:
+    """Whether the group was ever Ready at this revision (status.groups[].readyOnce remembers): until
+    then its failures are startup failures, with their own budget."""
+    old = p.old_groups.get(view.index) or {}
+    return bool(view.ready or (old.get("readyOnce") and old.get("revision") == view.revision))
+
+
 def _handle_broken(p: _Pass, view: GroupView) -> None:
     policy = p.lm.spec.restart
-    decision = decide_restart(p.history.get(view.index), view.uid, policy, p.now)
+    startup = not _was_ready(p, view)
+    decision = decide_restart(p.history.get(view.index), view.uid, policy, p.now, startup=startup)
     p.history = p.history.with_group(view.index, decision.record)
     p.actions.append(_delete_group(view))
+    budget, used = ((policy.max_startup_restarts, decision.record.startup_times) if startup
+                    else (policy.max_group_restarts, decision.record.times))
+    kind = "startup restarts (before its first Ready)" if startup else "restarts"
     if not decision.restart:
         p.states[view.index] = "Down"
         p.down.append(view.index)
         if decision.counted:
             p.warn(
                 "RestartBudgetExhausted",
-                f"group g{view.index}: {view.failure}; {policy.max_group_restarts} restarts within "
+                f"group g{view.index}: {view.failure}; {budget} {kind} within "
                 f"{policy.window_seconds}s used up, leaving the group down",
             )
         return
@@ -171,7 +196,7 @@ def _handle_broken(p: _Pass, view: GroupView) -> None:
         p.warn(
             "GroupFailed",
             f"group g{view.index}: {view.failure}; recreating the whole group "
-            f"(restart {len(decision.record.times)}/{policy.max_group_restarts} in {policy.window_seconds}s, "
+            f"({kind.split(' (')[0][:-1]} {len(used)}/{budget} in {policy.window_seconds}s, "
             f"starting again in {wait:.0f}s)",
         )
 
@@ -241,25 +266,99 @@ def _groups(p: _Pass, plan: Plan, revision: str, views: dict[int, GroupView]) ->
     _roll_out(p, views, revision, replicas)
 
 
-def _group_status(p: _Pass, views: dict[int, GroupView], revision: str) -> list[dict[str, Any]]:
+def _podgroup_actions(p: _Pass, plan: Plan, views: dict[int, GroupView], observed: Sequence[Obj]) -> None:
+    """Create each group's PodGroup before its StatefulSet, patch drift back, delete stale ones."""
+    lm, replicas = p.lm, p.lm.spec.replicas
+    wanted = gang.podgroup_api(lm.spec.placement.gang)
+    existing = {(str(o.get("apiVersion", "")), str(o.get("metadata", {}).get("name", ""))): o for o in observed}
+    for index in range(replicas if wanted else 0):
+        desired = build_podgroup(lm, plan, index)
+        assert desired is not None
+        name = desired["metadata"]["name"]
+        current = existing.pop((desired["apiVersion"], name), None)
+        if current is None:
+            p.actions.append(Create(desired))
+            p.info("CreatedPodGroup", f"Created {lm.spec.placement.gang} PodGroup {name}: minMember {plan.pp}")
+        elif not _contains(current, {"metadata": {"labels": desired["metadata"]["labels"]}, "spec": desired["spec"]}):
+            p.actions.append(Patch(desired["apiVersion"], "PodGroup", name,
+                                   {"metadata": {"labels": desired["metadata"]["labels"]}, "spec": desired["spec"]}))
+    for (api_version, name), obj in sorted(existing.items()):
+        index = group_index(obj)
+        if api_version == wanted and index is not None and index in views:
+            continue  # its group is still being removed: the PodGroup goes after it
+        p.actions.append(Delete(api_version, "PodGroup", name, str(obj.get("metadata", {}).get("uid", ""))))
+        p.info("DeletedPodGroup", f"Deleted PodGroup {name}")
+
+
+def _start_phase(view: GroupView | None, state: str, plan: Plan, expected_load_s: float, now: float) -> str:
+    if view is None or view.terminating or state in ("Down", "Restarting", "Updating", "Terminating"):
+        return "Scheduling" if state in ("Starting", "Pending") else state
+    return lifecycle.start_phase(view, plan.pp, now, expected_load_s)
+
+
+def _group_status(p: _Pass, views: dict[int, GroupView], revision: str, plan: Plan) -> list[dict[str, Any]]:
     out = []
+    expected = lifecycle.expected_load_seconds(plan, p.lm.spec.startup.load_rate_mb_per_second)
     for index in range(p.lm.spec.replicas):
         view = views.get(index)
         state = p.states.get(index, "Pending")
-        out.append(
-            {
-                "index": index,
-                "ready": state == "Ready",
-                "restarts": p.history.get(index).total,
-                "revision": view.revision if view is not None and state not in ("Updating",) else revision,
-                "state": state,
-            }
-        )
+        record = p.history.get(index)
+        entry: dict[str, Any] = {
+            "index": index,
+            "ready": state == "Ready",
+            "restarts": record.total,
+            "revision": view.revision if view is not None and state not in ("Updating",) else revision,
+            "state": state,
+            "startPhase": _start_phase(view, state, plan, expected, p.now),
+        }
+        old = p.old_groups.get(index) or {}
+        if state == "Ready" or (old.get("readyOnce") and old.get("revision") == entry["revision"]):
+            entry["readyOnce"] = True
+        if record.startup_total:
+            entry["startupRestarts"] = record.startup_total
+        if view is not None and not view.terminating and view.uid:
+            previous = (p.old_groups.get(index) or {}).get("lifecycle") or {}
+            life = lifecycle.lifecycle(view, previous, p.now, weight_bytes_per_gpu(plan))
+            _recovery(life, record)
+            entry["lifecycle"] = life
+            if life.get("readyAt") and not (previous.get("uid") == view.uid and previous.get("readyAt")):
+                p.lifecycle_events.extend(sorted(life.get("seconds", {}).items()))
+        out.append(entry)
     return out
 
 
+def _recovery(life: dict[str, Any], record: Any) -> None:
+    """Time to recover: from the group's last restart to this incarnation's Ready."""
+    failures = [*record.times, *record.startup_times]
+    ready = life.get("readyAt")
+    if not failures or not ready:
+        return
+    ready_ts = datetime.datetime.fromisoformat(str(ready).replace("Z", "+00:00")).timestamp()
+    last = max(failures)
+    if ready_ts >= last - 1:  # Ready timestamps have one-second resolution
+        life.setdefault("seconds", {})["recovery"] = round(max(0.0, ready_ts - last), 3)
+
+
+def _schedulable(p: _Pass, plan: Plan, views: dict[int, GroupView], observed: Observed) -> Cond:
+    """Schedulable: how many groups fit in the free capacity now, and why a waiting one does not."""
+    if observed.nodes is None:
+        return Cond("Schedulable", None, "NodesUnknown", "no Node information yet (the operator watches Nodes)")
+    waiting = 0
+    for index in range(p.lm.spec.replicas):
+        view, state = views.get(index), p.states.get(index, "Pending")
+        if state == "Down":
+            continue
+        if view is None or view.terminating or len(view.pods) < plan.pp or not all(
+                (pod.get("spec") or {}).get("nodeName") for pod in view.pods):
+            waiting += 1
+    result = fit.fit(observed.nodes, observed.gpu_usage, p.lm, plan, waiting)
+    ok = result.groups >= waiting
+    return Cond("Schedulable", ok, "Fits" if ok else "InsufficientCapacity", result.message)
+
+
 def _valid_status(
-    p: _Pass, plan: Plan, revision: str, views: dict[int, GroupView], old: Obj, now: datetime.datetime
+    p: _Pass, plan: Plan, revision: str, views: dict[int, GroupView], old: Obj, now: datetime.datetime,
+    observed: Observed,
 ) -> tuple[dict[str, Any], list[Event]]:
     lm, replicas = p.lm, p.lm.spec.replicas
     ready = sum(1 for i in range(replicas) if p.states.get(i) == "Ready")
@@ -284,6 +383,7 @@ def _valid_status(
         Cond("Degraded", bool(p.down), "RestartBudgetExhausted" if p.down else "AsExpected",
              f"group(s) {', '.join(f'g{i}' for i in sorted(set(p.down)))} left down after exhausting "
              "the restart budget" if p.down else "no group is left down"),
+        _schedulable(p, plan, views, observed),
     ]
     old_conds = old.get("conditions") or []
     events = []
@@ -304,14 +404,17 @@ def _valid_status(
         "replicas": sum(1 for v in views.values() if not v.terminating),
         "readyReplicas": ready,
         "selector": ",".join(f"{k}={v}" for k, v in selector_labels(lm).items()),
-        "groups": _group_status(p, views, revision),
+        "groups": _group_status(p, views, revision, plan),
         "endpoint": endpoint(lm),
         "revision": revision,
     }
+    if lm.spec.placement.gang != "none":
+        status["gang"] = lm.spec.placement.gang  # which PodGroups exist: a later pass lists them to clean up
     return status, events
 
 
-def _invalid(body: Obj, why: str, observed: Observed, now: datetime.datetime) -> tuple[dict[str, Any], list[Event]]:
+def _invalid(body: Obj, why: str, observed: Observed, now: datetime.datetime,
+             reason: str = "InvalidSpec") -> tuple[dict[str, Any], list[Event]]:
     meta = body.get("metadata") or {}
     generation = int(meta.get("generation") or 0)
     old = body.get("status") or {}
@@ -319,21 +422,21 @@ def _invalid(body: Obj, why: str, observed: Observed, now: datetime.datetime) ->
     views = observe_groups(str(meta.get("name", "")), observed.statefulsets, observed.pods)
     ready = sum(1 for v in views.values() if v.ready)
     conds = [
-        Cond("Admitted", False, "InvalidSpec", why),
-        Cond("Progressing", False, "InvalidSpec", "fix the spec; nothing is created or changed until then"),
-        Cond("Ready", bool(views) and ready == len(views), "LastValidSpec" if views else "InvalidSpec",
+        Cond("Admitted", False, reason, why),
+        Cond("Progressing", False, reason, "fix the spec; nothing is created or changed until then"),
+        Cond("Ready", bool(views) and ready == len(views), "LastValidSpec" if views else reason,
              f"{ready}/{len(views)} groups of the last valid spec ready"),
         Cond("Degraded", False, "AsExpected", "no group is left down"),
     ]
     status = {
-        **{k: v for k, v in old.items() if k in ("plan", "selector", "endpoint", "revision", "groups")},
+        **{k: v for k, v in old.items() if k in ("plan", "selector", "endpoint", "revision", "groups", "gang")},
         "phase": "Failed",
         "observedGeneration": generation,
         "conditions": conditions.render(old_conds, conds, generation, now),
         "replicas": sum(1 for v in views.values() if not v.terminating),
         "readyReplicas": ready,
     }
-    events = [Event("Warning", "InvalidSpec", why)] if conditions.flipped(old_conds, "Admitted", False, why) else []
+    events = [Event("Warning", reason, why)] if conditions.flipped(old_conds, "Admitted", False, why) else []
     return status, events
 
 
@@ -356,9 +459,18 @@ def reconcile(body: Obj, observed: Observed, now: datetime.datetime) -> Result:
         status, events = _invalid(body, why, observed, now)
         return Result(events=tuple(events), status=_changed(old_status, status))
 
+    mode = lm.spec.placement.gang
+    needed = gang.podgroup_api(mode)
+    if needed is not None and observed.podgroups is None:
+        why = (f"spec.placement.gang={mode} needs PodGroup {needed}, which this cluster does not serve: "
+               f"install {'kubernetes-sigs/scheduler-plugins (Coscheduling)' if mode == gang.SCHEDULER_PLUGINS else 'Volcano'}"
+               " or choose another gang mode (docs/CLUSTER.md)")
+        status, events = _invalid(body, why, observed, now, reason="GangUnavailable")
+        return Result(events=tuple(events), status=_changed(old_status, status))
     revision = template_revision(lm, plan)
     annotations = meta.get("annotations") or {}
     p = _Pass(lm=lm, now=now.timestamp(), history=load_history(annotations, revision))
+    p.old_groups = {int(g["index"]): g for g in old_status.get("groups") or [] if isinstance(g, Mapping) and "index" in g}
     for desired in (build_ranks_service(lm), build_client_service(lm)):
         actions, events = _service_actions(desired, observed.services)
         p.actions.extend(actions)
@@ -367,9 +479,10 @@ def reconcile(body: Obj, observed: Observed, now: datetime.datetime) -> Result:
     p.actions.extend(actions)
     p.events.extend(events)
     views = observe_groups(lm.metadata.name, observed.statefulsets, observed.pods)
+    _podgroup_actions(p, plan, views, observed.podgroups or ())
     _groups(p, plan, revision, views)
     _ensure_group_secret(p)
-    status, events = _valid_status(p, plan, revision, views, old_status, now)
+    status, events = _valid_status(p, plan, revision, views, old_status, now, observed)
 
     stored = dump_history(p.history) if p.history.groups else None
     annotation_patch = None if annotations.get(RESTARTS_ANNOTATION) == stored else {RESTARTS_ANNOTATION: stored}
@@ -377,6 +490,8 @@ def reconcile(body: Obj, observed: Observed, now: datetime.datetime) -> Result:
     for state in p.states.values():
         states[state] = states.get(state, 0) + 1
     waits = [w for w in p.waits if w > 0]
+    if any(str(g.get("startPhase", "")).startswith("Loading") for g in status.get("groups") or []):
+        waits.append(LOADING_REQUEUE_S)  # Loading n% is an estimate that moves with time
     for index in p.down:  # a group left down comes back when its oldest restart leaves the window
         recent = in_window(p.history.get(index), lm.spec.restart, p.now)
         if recent:
@@ -389,4 +504,5 @@ def reconcile(body: Obj, observed: Observed, now: datetime.datetime) -> Result:
         requeue_after=min(waits) if waits else None,
         group_states=states,
         restarts=p.restarts,
+        lifecycle=tuple(p.lifecycle_events),
     )

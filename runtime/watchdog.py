@@ -16,7 +16,7 @@ watchdog logs one line naming the collective, group and peer:
 writes a marker into the pod's shared directory so the pod's /healthz fails liveness, and exits
 the rank with EXIT_HUNG: the pod supervisor stops the pod's other ranks, the liveness link stops
 the other stage pods, the container restarts, and the operator recreates the group within its
-restart budget. No torch here: the operator imports the env variable's name.
+restart budget. The names both sides share are in largemodel.hangcontract.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from largemodel.hangcontract import COLLECTIVE_TIMEOUT_ENV, EXIT_HUNG
+
 log = logging.getLogger(__name__)
 
-COLLECTIVE_TIMEOUT_ENV = "COLLECTIVE_TIMEOUT_SECONDS"
-EXIT_HUNG = 5
+__all__ = ["COLLECTIVE_TIMEOUT_ENV", "EXIT_HUNG", "Watchdog", "hung_reasons"]
 HUNG_MARKER_PREFIX = "hung-rank"
 MAX_POLL_S = 1.0
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from largemodel import modelfacts
+from largemodel import metrics, modelfacts
 from largemodel.partition import stage_layer_range
 from largemodel.runtime import cpu_kernels
 from largemodel.runtime.model import CausalLM, ModelConfig, ModelConfigError, load_config
@@ -92,8 +92,12 @@ def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
     nbytes = load_weights(model, config, Path(model_dir), shards)
     model.setup_caches(max_batch, max_len, dtype, device)
     seconds = time.perf_counter() - began
-    log.info("event=load_done rank=%d stage=%d layers=%d-%d shard_mib=%.1f seconds=%.2f",
-             ctx.rank, ctx.pp_rank, layers.start, layers.stop - 1, nbytes / 2**20, seconds)
+    # Issue 17: the load rate per rank (bytes of its shard over the whole build), also in status.
+    metrics.MODEL_LOAD_BYTES.labels(rank=str(ctx.rank)).set(nbytes)
+    metrics.MODEL_LOAD_RATE.labels(rank=str(ctx.rank)).set(nbytes / 1e6 / seconds if seconds > 0 else 0.0)
+    log.info("event=load_done rank=%d stage=%d layers=%d-%d shard_mib=%.1f seconds=%.2f rate_mb_s=%.1f",
+             ctx.rank, ctx.pp_rank, layers.start, layers.stop - 1, nbytes / 2**20, seconds,
+             nbytes / 1e6 / seconds if seconds > 0 else 0.0)
     return model, seconds
 
 

@@ -113,3 +113,19 @@ OPERATOR_API_REQUESTS = Counter(
 OPERATOR_RECONCILES = Counter(
     PREFIX + "operator_reconciles_total", "Reconcile passes by result (ok, retry, error).", ["result"]
 )
+
+# Appended by issue 17: measured lifecycle of rank groups. The operator observes each phase once per
+# group incarnation, when it first sees the group Ready (phase: scheduling, image, load, join, total;
+# recovery: from the group's last restart to Ready again).
+OPERATOR_GROUP_START_SECONDS = Histogram(
+    PREFIX + "operator_group_start_seconds", "Time of each phase of a rank group's start, and of its recovery.",
+    ["phase"], buckets=(1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600),
+)
+# Each rank: bytes of its shard / seconds to read them (MB/s, 10^6 bytes), and how far it got.
+MODEL_LOAD_RATE = Gauge(
+    PREFIX + "model_load_rate_mb_per_second", "Read rate of this rank's weight load (MB/s).", ["rank"],
+    multiprocess_mode="livemax",
+)
+MODEL_LOAD_BYTES = Gauge(
+    PREFIX + "model_load_bytes", "Bytes of weights this rank read at load.", ["rank"], multiprocess_mode="livemax",
+)

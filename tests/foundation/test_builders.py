@@ -78,7 +78,8 @@ def test_children_names_gpus_and_env_per_stage(tp: int, pp: int, replicas: int) 
         assert spec["podManagementPolicy"] == "Parallel" and spec["updateStrategy"] == {"type": "OnDelete"}
         assert spec["selector"]["matchLabels"] == {LABEL_NAME: "llm", LABEL_GROUP: str(group)}
         labels = spec["template"]["metadata"]["labels"]
-        assert labels == {LABEL_NAME: "llm", LABEL_GROUP: str(group), LABEL_REVISION: revision}
+        assert labels == {LABEL_NAME: "llm", LABEL_GROUP: str(group), LABEL_REVISION: revision,
+                          "serving.largemodel.io/group-key": f"llm-g{group}"}
         container = spec["template"]["spec"]["containers"][0]
         assert container["command"] == ["largemodel", "rank"]
         assert container["resources"] == {"requests": {"nvidia.com/gpu": str(tp)}, "limits": {"nvidia.com/gpu": str(tp)}}

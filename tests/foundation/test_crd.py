@@ -134,6 +134,13 @@ BAD = [
      "serving.allowFrom: each entry needs podSelector, namespaceSelector or cidr"),
     ("cidr with selector", setp("spec.serving.allowFrom", [{"cidr": "10.0.0.0/8", "podSelector": {"a": "b"}}]),
      "serving.allowFrom: cidr cannot be combined with podSelector or namespaceSelector"),
+    ("exclusive without topologyKey", setp("spec.placement", {"exclusive": True}),
+     "placement.exclusive needs placement.topologyKey"),
+    ("queueName without kueue or volcano", setp("spec.placement", {"queueName": "team-a"}),
+     "placement.queueName needs placement.gang kueue or volcano"),
+    ("unknown gang mode", setp("spec.placement", {"gang": "yunikorn"}), "'yunikorn' is not one of"),
+    ("collective timeout too short", setp("spec.restart", {"collectiveTimeoutSeconds": 1}),
+     "1 is less than the minimum of 5"),
 ]
 
 

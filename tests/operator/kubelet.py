@@ -32,6 +32,8 @@ class Kubelet:
         self.hold: set[str] = set()  # StatefulSet names whose pods never become Ready
         self.max_unavailable: dict[str, int] = {}  # LargeModel name -> worst seen (while watched)
         self.watch_replicas: dict[str, int] = {}  # LargeModel name -> replicas to check against
+        self.nodes: list[str] = []  # issue 17: bind new pods round-robin to these nodes (scheduler's job)
+        self._bound = 0
         self._born: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kubelet", daemon=True)
@@ -78,7 +80,10 @@ class Kubelet:
         body = {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": f"{sts['metadata']['name']}-{ordinal}", "labels": labels,
                              "ownerReferences": [owner]},
-                "spec": template["spec"]}
+                "spec": dict(template["spec"])}
+        if self.nodes:
+            body["spec"]["nodeName"] = self.nodes[self._bound % len(self.nodes)]
+            self._bound += 1
         reply = self._http.post(core_path("pods", ns), json=body)
         if reply.status_code == 201:
             self._born[f"{ns}/{body['metadata']['name']}"] = time.monotonic()
@@ -95,10 +100,13 @@ class Kubelet:
 
     def set_pod_status(self, ns: str, name: str, *, ready: bool, restarts: int = 0, phase: str = "Running") -> None:
         """What a kubelet reports for one pod."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         status = {
             "phase": phase,
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
-            "containerStatuses": [{"name": "rank", "ready": ready, "restartCount": restarts}],
+            "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now},
+                           {"type": "Ready", "status": "True" if ready else "False", "lastTransitionTime": now}],
+            "containerStatuses": [{"name": "rank", "ready": ready, "started": ready, "restartCount": restarts,
+                                   "state": {"running": {"startedAt": now}}}],
         }
         self._http.patch(core_path("pods", ns, name) + "/status", json={"status": status},
                          headers={"Content-Type": "application/merge-patch+json"})
@@ -113,8 +121,8 @@ class Kubelet:
                 mine = [p for p in pods if any(o.get("uid") == sts["metadata"]["uid"]
                                                 for o in p["metadata"].get("ownerReferences", []))]
                 ok = len(mine) == sts["spec"]["replicas"] and all(
-                    c.get("type") == "Ready" and c.get("status") == "True"
-                    for p in mine for c in (p.get("status") or {}).get("conditions", [{}])
+                    c.get("status") == "True"
+                    for p in mine for c in (p.get("status") or {}).get("conditions", [{}]) if c.get("type") == "Ready"
                 ) and all(p.get("status") for p in mine)
                 if ok:
                     ready_groups.add(labels.get(LABEL_GROUP))

@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+from largemodel.operator import fit, gang
 from largemodel.operator.builders import POD_INDEX_LABEL
 from largemodel.operator.reconcile import Create, Delete, Observed, Patch, Result, reconcile
 
@@ -45,6 +46,11 @@ def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _key(kind: str, api_version: str) -> str:
+    """Objects are kept by (kind, name); PodGroups of the two schedulers share a kind and a name."""
+    return f"PodGroup {api_version}" if kind == "PodGroup" else kind
+
+
 class World:
     """The LargeModel, its children and pods; `now` advances only when a test says so."""
 
@@ -55,6 +61,28 @@ class World:
         self.now = T0
         self.uids = itertools.count(1)
         self.last: Result = Result()
+        # Issue 17: the PodGroup APIs this cluster serves, its Nodes (None: no Node information),
+        # and where run_pods binds a new pod (None: nowhere; the pod has no nodeName).
+        self.served = {gang.SP_API_VERSION, gang.VOLCANO_API_VERSION}
+        self.nodes: list[dict[str, Any]] | None = None
+        self.bind: Any = None
+
+    def _podgroups(self) -> list[dict[str, Any]] | None:
+        needed = gang.podgroup_api(((self.lm["spec"].get("placement") or {}).get("gang")) or "none")
+        if needed is not None and needed not in self.served:
+            return None
+        return [o for (kind, _), o in self.objects.items() if kind.startswith("PodGroup") and o["apiVersion"] in self.served]
+
+    def gpu_usage(self) -> dict[str, dict[str, int]]:
+        """GPUs the pods hold by node, as the operator's pod watch sums them."""
+        usage: dict[str, dict[str, int]] = {}
+        for pod in self.pods.values():
+            found = fit.pod_gpu_usage(pod)
+            if found:
+                node, requests = found
+                for key, count in requests.items():
+                    usage.setdefault(node, {})[key] = usage.get(node, {}).get(key, 0) + count
+        return usage
 
     def observed(self) -> Observed:
         """What the operator would list."""
@@ -63,6 +91,9 @@ class World:
             services=[o for (kind, _), o in self.objects.items() if kind == "Service"],
             pods=list(self.pods.values()),
             networkpolicies=[o for (kind, _), o in self.objects.items() if kind == "NetworkPolicy"],
+            podgroups=self._podgroups(),
+            nodes=None if self.nodes is None else [fit.node_facts(n) for n in self.nodes],
+            gpu_usage=self.gpu_usage(),
         )
 
     def step(self) -> Result:
@@ -77,12 +108,12 @@ class World:
             if isinstance(action, Create):
                 obj = copy.deepcopy(action.obj)
                 obj["metadata"]["uid"] = f"uid-{next(self.uids)}"
-                self.objects[(obj["kind"], obj["metadata"]["name"])] = obj
+                self.objects[(_key(obj["kind"], obj["apiVersion"]), obj["metadata"]["name"])] = obj
             elif isinstance(action, Patch):
-                key = (action.kind, action.name)
+                key = (_key(action.kind, action.api_version), action.name)
                 self.objects[key] = merge(self.objects[key], action.patch)
             elif isinstance(action, Delete):
-                gone = self.objects.pop((action.kind, action.name))
+                gone = self.objects.pop((_key(action.kind, action.api_version), action.name))
                 for name, pod in list(self.pods.items()):
                     if pod["metadata"]["ownerReferences"][0]["uid"] == gone["metadata"]["uid"]:
                         del self.pods[name]
@@ -101,7 +132,10 @@ class World:
                 if pod_name in self.pods:
                     continue
                 labels = {**sts["spec"]["template"]["metadata"]["labels"], POD_INDEX_LABEL: str(ordinal)}
+                node = self.bind(pod_name) if self.bind else None
                 self.pods[pod_name] = {
+                    "spec": {"nodeName": node, "containers": sts["spec"]["template"]["spec"]["containers"]} if node
+                    else {},
                     "metadata": {
                         "name": pod_name, "uid": f"uid-{next(self.uids)}", "labels": labels,
                         "ownerReferences": [{"kind": "StatefulSet", "name": name, "uid": sts["metadata"]["uid"]}],

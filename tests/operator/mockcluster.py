@@ -120,6 +120,10 @@ def declare_resources(mock: K8sMock, namespaces: list[str]) -> None:
     mock.declare("v1/secrets", "Secret")
     mock.declare("networking.k8s.io/v1/networkpolicies", "NetworkPolicy")
     mock.declare("v1/events", "Event")
+    # Issue 17: the gang schedulers' PodGroups (a test may undeclare one: "CRD not installed") and Nodes.
+    mock.declare("scheduling.x-k8s.io/v1alpha1/podgroups", "PodGroup", subresources=("status",))
+    mock.declare("scheduling.volcano.sh/v1beta1/podgroups", "PodGroup")
+    mock.declare("v1/nodes", "Node", namespaced=False, subresources=("status",))
     mock.declare("v1/namespaces", "Namespace", namespaced=False, subresources=("status",))
     for ns in namespaces:
         mock.objects["v1/namespaces", None, ns] = {

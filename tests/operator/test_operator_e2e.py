@@ -99,9 +99,10 @@ def test_create_ready_steady_state_and_delete(cluster: MockCluster, kubelet: Kub
         assert status["plan"]["tensor"] == 1 and status["plan"]["pipeline"] == 2
         assert status["endpoint"] == f"http://smollm2.{NS}.svc:8000/v1"
         assert status["selector"] == f"{LABEL_NAME}=smollm2"
-        assert status["groups"] == [
-            {"index": 0, "ready": True, "restarts": 0, "revision": status["revision"], "state": "Ready"}
-        ]
+        (group,) = status["groups"]
+        assert {k: group[k] for k in ("index", "ready", "restarts", "revision", "state", "startPhase")} == {
+            "index": 0, "ready": True, "restarts": 0, "revision": status["revision"], "state": "Ready",
+            "startPhase": "Ready"}
         sts = groups(cluster)["smollm2-g0"]
         assert sts["spec"]["replicas"] == 2 and sts["metadata"]["labels"][LABEL_REVISION] == status["revision"]
         assert sts["metadata"]["ownerReferences"][0]["uid"] == body["metadata"]["uid"]
@@ -227,12 +228,13 @@ def test_pod_failure_recreates_the_group(cluster: MockCluster, kubelet: Kubelet,
 def test_crash_loop_exhausts_budget_and_degrades(cluster: MockCluster, kubelet: Kubelet, tmp_path: Path) -> None:
     kubelet.crashloop.add("smollm2-g0")
     with running_operator(cluster, [NS]):
-        path = manifest(tmp_path, restart={"maxGroupRestarts": 2, "windowSeconds": 600, "backoffSeconds": 1})
+        # Never Ready: every restart is a startup restart (issue 17), with its own budget.
+        path = manifest(tmp_path, restart={"maxStartupRestarts": 2, "windowSeconds": 600, "backoffSeconds": 1})
         cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(path))
         wait_for(lambda: phase(cluster) == "Degraded", "phase Degraded", timeout=30)
         body = model(cluster)
         assert condition(body, "Degraded") == "True" and condition(body, "Ready") == "False"
-        assert body["status"]["groups"][0]["state"] == "Down" and body["status"]["groups"][0]["restarts"] == 2
+        assert body["status"]["groups"][0]["state"] == "Down" and body["status"]["groups"][0]["startupRestarts"] == 2
         wait_for(lambda: groups(cluster) == {}, "the group left down")
         assert events(cluster).count("GroupFailed") == 2
         wait_for(lambda: "RestartBudgetExhausted" in events(cluster), "a RestartBudgetExhausted Event")
@@ -302,9 +304,11 @@ def test_namespaced_operator_ignores_other_namespaces(cluster: MockCluster, kube
         wait_for(lambda: phase(cluster) == "Ready", "the model in the watched namespace Ready")
     assert "status" not in (cluster.get(lm_path("other", "smollm2")) or {})
     assert cluster.list(apps_path("statefulsets", "other")) == []
-    # No cluster-wide list or watch, and nothing in a namespace it was not given.
-    scopes = {r.namespace for r in operator_requests(cluster) if r.resource is not None and r.resource.plural}
-    assert scopes == {NS}
+    # No cluster-wide list or watch but of Nodes (cluster-scoped, issue 17), and nothing in a namespace
+    # it was not given.
+    requests = [r for r in operator_requests(cluster) if r.resource is not None and r.resource.plural]
+    assert {r.namespace for r in requests if r.resource.plural != "nodes"} == {NS}
+    assert {str(r.method.value) for r in requests if r.resource.plural == "nodes"} <= {"GET"}
 
 
 def test_conflicts_and_server_errors_are_retried(cluster: MockCluster, kubelet: Kubelet) -> None:

@@ -129,9 +129,12 @@ def test_broken_pod_recreates_the_whole_group(fault, why: str) -> None:
     assert _kinds(world.step()) == [("create", "StatefulSet", "smollm2-g0")]
     world.run_pods()
     world.converge()
-    assert world.lm["status"]["groups"][0] == {
+    group = world.lm["status"]["groups"][0]
+    assert {k: group[k] for k in ("index", "ready", "restarts", "revision", "state", "startPhase")} == {
         "index": 0, "ready": True, "restarts": 1, "revision": world.lm["status"]["revision"], "state": "Ready",
+        "startPhase": "Ready",
     }
+    assert group["lifecycle"]["seconds"]["recovery"] == 10  # from the restart to Ready again (issue 17)
 
 
 def test_member_deleted_but_not_yet_replaced_is_a_failure() -> None:

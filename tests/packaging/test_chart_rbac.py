@@ -7,7 +7,7 @@ from typing import Any
 
 from chartrender import CONFIGS, NAMESPACE, WATCHED, by_kind, render_objects
 
-from largemodel.operator.rbac import RULES
+from largemodel.operator.rbac import CLUSTER_RULES, RULES
 
 SECRETS_RULE = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}
 
@@ -24,7 +24,7 @@ def _roles(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_cluster_wide_install_grants_exactly_the_documented_rules() -> None:
     objects = render_objects(CONFIGS["default"])
     (role,) = by_kind(objects, "ClusterRole")
-    assert _canonical(role["rules"]) == _canonical(RULES)
+    assert _canonical(role["rules"]) == _canonical([*RULES, *CLUSTER_RULES])
     assert by_kind(objects, "Role") == [] and by_kind(objects, "RoleBinding") == []
     (binding,) = by_kind(objects, "ClusterRoleBinding")
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
@@ -36,7 +36,12 @@ def test_cluster_wide_install_grants_exactly_the_documented_rules() -> None:
 
 def test_namespaced_install_grants_them_only_in_watched_namespaces() -> None:
     objects = render_objects(CONFIGS["namespaced"])
-    assert by_kind(objects, "ClusterRole") == [] and by_kind(objects, "ClusterRoleBinding") == []
+    # Cluster-wide only what is cluster-scoped: list/watch Nodes (issue 17), through its own ClusterRole.
+    (nodes,) = by_kind(objects, "ClusterRole")
+    assert _canonical(nodes["rules"]) == _canonical(CLUSTER_RULES)
+    (nodes_binding,) = by_kind(objects, "ClusterRoleBinding")
+    assert nodes_binding["roleRef"]["name"] == nodes["metadata"]["name"]
+    assert nodes_binding["subjects"][0]["namespace"] == NAMESPACE
     roles = by_kind(objects, "Role")
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(WATCHED)
     for role in roles:
@@ -60,10 +65,11 @@ def test_no_wildcards_and_no_secret_reads_in_any_install() -> None:
 
 
 def test_secrets_only_when_a_value_asks() -> None:
-    for values in ({"rbac": {"readSecrets": True}},
-                   {"rbac": {"readSecrets": True}, "watch": {"allNamespaces": False}}):
-        (role,) = _roles(render_objects(values))
-        assert _canonical(role["rules"]) == _canonical([*RULES, SECRETS_RULE])
+    (role,) = _roles(render_objects({"rbac": {"readSecrets": True}}))
+    assert _canonical(role["rules"]) == _canonical([*RULES, *CLUSTER_RULES, SECRETS_RULE])
+    objects = render_objects({"rbac": {"readSecrets": True}, "watch": {"allNamespaces": False}})
+    (role,) = by_kind(objects, "Role")
+    assert _canonical(role["rules"]) == _canonical([*RULES, SECRETS_RULE])
 
 
 def test_rbac_create_false_leaves_rbac_to_the_cluster_admin() -> None:

@@ -41,10 +41,28 @@ when they differ); operator/rbac.py says in detail why each verb is needed.
 - apiGroups: ["networking.k8s.io"]
   resources: ["networkpolicies"]
   verbs: ["list", "watch", "create", "patch", "delete"]
+# Gang scheduling: one PodGroup per group (scheduler-plugins or Volcano), created before its
+# StatefulSet, drift patched back, deleted with the group or when the gang mode changes; listed per pass.
+- apiGroups: ["scheduling.x-k8s.io"]
+  resources: ["podgroups"]
+  verbs: ["list", "create", "patch", "delete"]
+- apiGroups: ["scheduling.volcano.sh"]
+  resources: ["podgroups"]
+  verbs: ["list", "create", "patch", "delete"]
 {{- if .Values.rbac.readSecrets }}
 # Asked for by rbac.readSecrets: the operator itself never reads Secrets.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch"]
 {{- end }}
+{{- end -}}
+
+{{/*
+largemodel.operator.rbac.CLUSTER_RULES: cluster-scoped reads, granted by a ClusterRole in every install.
+*/}}
+{{- define "largemodel.clusterRules" -}}
+# Nodes feed the fit cache behind the Schedulable condition (allocatable GPUs, labels, taints); never written.
+- apiGroups: [""]
+  resources: ["nodes"]
+  verbs: ["list", "watch"]
 {{- end -}}
