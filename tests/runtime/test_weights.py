@@ -99,3 +99,30 @@ def test_vocab_padding_and_kv_replication_shapes(checkpoints: dict[str, Any]) ->
                       torch.device("cpu"), 1, 8)[0]
     attn = mqa.model.layers["0"].self_attn
     assert (attn.n_heads, attn.n_kv_heads) == (3, 1) and attn.k_proj.weight.shape[0] == attn.head_dim
+
+
+def test_direct_reads_equal_mapped_slices(checkpoints: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole tensors and row shards are read straight into the parameters; the result equals the
+    safe_open slices (the fallback, forced here for every tensor) bit for bit, at tp 1 and tp 2."""
+    from largemodel.runtime import weights
+
+    gqa = Path(checkpoints["models"]["gqa"]["dir"])
+    cpu = torch.device("cpu")
+    for ctx in (ParallelContext(), ParallelContext(tp=2, tp_rank=1), ParallelContext(pp=2, pp_rank=1)):
+        used: list[bool] = []
+
+        def counted(*args: Any, direct: Any = weights.read_direct, used: list[bool] = used) -> bool:
+            used.append(direct(*args))
+            return used[-1]
+
+        monkeypatch.setattr(weights, "read_direct", counted)
+        fast = build_stage(gqa, ctx, torch.float32, cpu, 1, 8)[0].state_dict()
+        assert any(used) and (ctx.tp > 1 or all(used)), "row shards and whole tensors take the direct path"
+        monkeypatch.setattr(weights, "read_direct", lambda *a: False)
+        mapped = build_stage(gqa, ctx, torch.float32, cpu, 1, 8)[0].state_dict()
+        monkeypatch.undo()
+        assert fast.keys() == mapped.keys()
+        assert all(torch.equal(fast[k], mapped[k]) for k in fast), ctx
+    # another dtype than the file's converts through the mapped path
+    bf16 = build_stage(gqa, ParallelContext(), torch.bfloat16, cpu, 1, 8)[0]
+    assert next(bf16.parameters()).dtype == torch.bfloat16
