@@ -393,3 +393,95 @@ def test_grpc_api_key_is_checked_before_any_work() -> None:
 
     assert asyncio.run(main()) == [grpc.StatusCode.UNAUTHENTICATED] * 3
     assert state.invalid == 3
+
+
+def test_a_chunked_body_past_the_cap_gets_413_without_a_declared_length(server: RunningServer) -> None:
+    """No Content-Length to refuse on: the guard counts the chunks as they arrive and stops at the cap."""
+    before = _requests_total(server, "invalid")
+    chunk = b"[" + b"1," * (512 * 1024) + b"1]"  # ~1 MiB of JSON per chunk, 5 chunks past the 4 MiB cap
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        try:
+            for _ in range(5):
+                sock.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server answered and closed before the last chunk: that is the point
+        closed, data = _closed_within(sock, 10)
+    assert data.startswith(b"HTTP/1.1 413"), data[:200]
+    assert json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_too_large"
+    assert _requests_total(server, "invalid") == before + 1
+    _still_serves(server)
+
+
+def test_a_flood_waiting_for_the_tokenizer_is_refused_with_429() -> None:
+    """More requests waiting for the one tokenizer thread than max_tokenizing: the next is a 429
+    (QueueFullError with Retry-After), counted as rejected, while those already waiting finish."""
+    from largemodel import metrics
+    from largemodel.runtime.admission import off_loop
+    from largemodel.runtime.generation import QueueFullError
+
+    class _State:
+        tokenizer_pool = ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        tokenizing, max_tokenizing = 0, 2
+
+    def slow(x: int) -> int:
+        time.sleep(0.3)
+        return x
+
+    rejected = metrics.REQUESTS.labels(status=metrics.STATUS_REJECTED)
+    before = rejected._value.get()
+
+    async def main() -> list[Any]:
+        waiting = [asyncio.ensure_future(off_loop(_State, slow, i)) for i in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFullError) as err:
+            await off_loop(_State, slow, 3)
+        assert err.value.retry_after_s >= 1
+        return list(await asyncio.gather(*waiting))
+
+    assert asyncio.run(main()) == [0, 1]
+    assert rejected._value.get() == before + 1
+    assert _State.tokenizing == 0
+    _State.tokenizer_pool.shutdown()
+
+
+def test_api_key_against_a_real_group(tiny_model: Any, tmp_path: Any) -> None:
+    """API_KEY_FILE as the operator mounts it, through `largemodel run` into the stage-0 rank: /v1 over
+    HTTP and gRPC needs the bearer token (OpenAI 401 / UNAUTHENTICATED); health and metrics do not."""
+    from .world import start_run, write_largemodel
+
+    key_file = tmp_path / "apiKey"
+    key_file.write_text("s3cret-key\n")
+    running = start_run(write_largemodel(tmp_path / "tiny.yaml", "tiny", tiny_model), tmp_path / "run.log",
+                        env={"API_KEY_FILE": str(key_file)})
+    try:
+        body = json.dumps({"prompt": "hello", "max_tokens": 2}).encode()
+
+        def post(headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+            request = urllib.request.Request(running.base_url + "/v1/completions", data=body, method="POST",
+                                             headers={"Content-Type": "application/json", **headers})
+            try:
+                with urllib.request.urlopen(request, timeout=60) as resp:
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read())
+
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}):
+            status, answer = post(headers)
+            assert status == 401, (headers, answer)
+            assert answer["error"]["type"] == "invalid_request_error" or answer["error"]["code"], answer
+        status, answer = post({"Authorization": "Bearer s3cret-key"})
+        assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
+        with urllib.request.urlopen(running.base_url + "/healthz", timeout=10) as resp:
+            assert resp.status == 200
+        with grpc.insecure_channel(f"127.0.0.1:{running.grpc_port}") as channel:
+            stub = pb2_grpc.GenerationStub(channel)
+            request = pb2.GenerateRequest(prompt="hello", max_tokens=2)
+            with pytest.raises(grpc.RpcError) as err:
+                list(stub.Generate(request, timeout=30))
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            chunks = list(stub.Generate(request, timeout=60, metadata=(("authorization", "Bearer s3cret-key"),)))
+            assert chunks
+    finally:
+        assert running.stop() == 0, running.log_text()[-3000:]
