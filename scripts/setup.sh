@@ -33,6 +33,9 @@ if [ "$mode" = dev ]; then
   need=()
   command -v promtool >/dev/null || need+=(prometheus)
   command -v ip >/dev/null || need+=(iproute2)
+  # tests/packaging/test_image_build.py builds the Dockerfile without a daemon or a registry.
+  command -v buildah >/dev/null || need+=(buildah)
+  command -v debootstrap >/dev/null || need+=(debootstrap)
   if [ ${#need[@]} -gt 0 ]; then
     echo "[setup] apt-get install ${need[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo); fi

@@ -1,7 +1,7 @@
 """The Dockerfile: hadolint clean, pinned bases, non-root final stages, and images that hold what runs.
 
-No container engine exists on the test machines, so the images are never built here; these tests
-read the Dockerfile the way a reviewer would and check it against the package's own metadata.
+These tests read the Dockerfile the way a reviewer would and check it against the package's own
+metadata; test_image_build.py builds the images (buildah, a stand-in base) and runs them.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ class Stage:
     """One FROM ... AS name block of the Dockerfile, continuation lines joined."""
 
     name: str
-    base: str
+    base: str  # the image it starts from, through stages it builds on (`parent`)
+    parent: str = ""
     instructions: list[tuple[str, str]] = field(default_factory=list)
 
     def all(self, keyword: str) -> list[str]:
@@ -43,8 +44,11 @@ class Stage:
         return [args for kw, args in self.instructions if kw == keyword]
 
 
-def parse_stages(text: str) -> dict[str, Stage]:
-    """The Dockerfile's stages by name, comments dropped and `\\` continuations joined."""
+def parse_stages(text: str, global_args: dict[str, str]) -> dict[str, Stage]:
+    """The Dockerfile's stages by name, comments dropped, `\\` continuations joined, FROM ${ARG} resolved.
+
+    `global_args` receives the ARGs declared before the first FROM, with their defaults.
+    """
     logical = re.sub(r"\\\n(\s*#[^\n]*\n)*", " ", text)
     stages: dict[str, Stage] = {}
     current: Stage | None = None
@@ -54,16 +58,23 @@ def parse_stages(text: str) -> dict[str, Stage]:
             continue
         keyword, _, args = line.partition(" ")
         keyword = keyword.upper()
-        if keyword == "FROM":
+        if keyword == "ARG" and current is None:
+            name, _, default = args.strip().partition("=")
+            global_args[name] = default
+        elif keyword == "FROM":
             match = re.fullmatch(r"(\S+)\s+AS\s+(\S+)", args.strip(), flags=re.IGNORECASE)
             assert match, f"every stage is named: FROM {args}"
-            current = stages[match[2]] = Stage(name=match[2], base=match[1])
+            base = re.sub(r"\$\{(\w+)\}", lambda m: global_args[m[1]], match[1])
+            parent = stages.get(base)
+            current = stages[match[2]] = Stage(name=match[2], base=parent.base if parent else base,
+                                               parent=parent.name if parent else "")
         elif current is not None:
             current.instructions.append((keyword, " ".join(args.split())))
     return stages
 
 
-STAGES = parse_stages(DOCKERFILE.read_text())
+GLOBAL_ARGS: dict[str, str] = {}  # ARGs before the first FROM, with their defaults
+STAGES = parse_stages(DOCKERFILE.read_text(), GLOBAL_ARGS)
 
 
 def test_hadolint_is_clean() -> None:
@@ -81,13 +92,27 @@ def test_hadolint_would_catch_a_bad_dockerfile(tmp_path: Path) -> None:
 
 
 def test_stages_and_pinned_bases() -> None:
-    assert list(STAGES) == ["wheel", "operator", "runtime"]
+    assert list(STAGES) == ["wheel", "operator", "torch-cuda", "torch-cpu", "runtime"]
+    # Bases are build args (a mirror, or test_image_build.py's stand-in) whose defaults are the pins.
+    assert {s.base for s in STAGES.values()} >= {GLOBAL_ARGS["PYTHON_BASE"], GLOBAL_ARGS["CUDA_TORCH_BASE"]}
+    assert GLOBAL_ARGS["TORCH"] == "cuda", "the default runtime is the CUDA one"
+    assert STAGES["runtime"].parent == "torch-cuda"  # FROM torch-${TORCH}, at its default
     for stage in STAGES.values():
         assert re.fullmatch(r"[a-z0-9./_-]+:[\w.-]+@sha256:[0-9a-f]{64}", stage.base), (
             f"stage {stage.name}: base {stage.base} is not pinned by tag and digest"
         )
     assert STAGES["operator"].base.startswith("python:3.11")
     assert STAGES["runtime"].base.startswith("pytorch/pytorch:")
+    assert STAGES["torch-cpu"].base == STAGES["operator"].base
+
+
+def test_cpu_runtime_variant_installs_the_cpu_torch_build() -> None:
+    (install,) = STAGES["torch-cpu"].all("RUN")
+    assert '--index-url "${TORCH_CPU_INDEX}"' in install and "torch==2.13.0+cpu" in install
+    assert GLOBAL_ARGS["TORCH_CPU_INDEX"] == "https://download.pytorch.org/whl/cpu"
+    # The kernels are built against the same torch release as the runtime it goes into, either way.
+    kernels = " ".join(STAGES["wheel"].all("RUN"))
+    assert "then echo 2.13.0; else echo 2.8.0; fi" in kernels and "pytorch:2.8.0-" in GLOBAL_ARGS["CUDA_TORCH_BASE"]
 
 
 def test_runtime_base_torch_satisfies_the_runtime_extra() -> None:
@@ -97,8 +122,11 @@ def test_runtime_base_torch_satisfies_the_runtime_extra() -> None:
     (torch_req,) = [Requirement(r) for r in PYPROJECT["project"]["optional-dependencies"]["runtime"]
                     if Requirement(r).name == "torch"]
     assert torch_version in torch_req.specifier, f"base torch {torch_version} outside {torch_req.specifier}"
-    # pip keeps the base's CUDA build only if the install names that very version.
-    assert f"torch=={torch_version}" in " ".join(STAGES["runtime"].all("RUN"))
+    # pip keeps the base's CUDA build only if the install names that very version: the runtime stage
+    # reads it from the base's torch and names it in every pip install.
+    runs = " ".join(STAGES["runtime"].all("RUN"))
+    assert "torch==$(python -c 'import torch; print(torch.__version__.split(\"+\")[0])')" in runs
+    assert runs.count('"${torch}"') == 2
     python = re.match(r"python:(\d+\.\d+)", STAGES["operator"].base)
     assert python and Version(python[1]) in SpecifierSet(PYPROJECT["project"]["requires-python"])
 
