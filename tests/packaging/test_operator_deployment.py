@@ -91,16 +91,23 @@ def test_operator_runs_as_the_chart_deploys_it(
     )
     assert "tp=8 pp=1" in admitted[0]["message"]
 
-    (role,) = roles
     requests = [r for r in operator_requests(cluster) if rbac_triple(r) is not None]
-    if role["kind"] == "Role":
-        # A Role grants nothing outside its namespace: a namespaced install must never list cluster-wide.
-        assert role["metadata"]["namespace"] == NAMESPACE
-        assert {r.namespace for r in requests} == {NAMESPACE}
+
+    def grants(role: dict[str, Any]) -> set[tuple[str, str, str]]:
+        return {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
+                for resource in rule["resources"] for verb in rule["verbs"]}
+
+    namespaced = [role for role in roles if role["kind"] == "Role"]
+    cluster_wide = set().union(*(grants(role) for role in roles if role["kind"] == "ClusterRole"))
+    if namespaced:
+        # A Role grants nothing outside its namespace: a namespaced install lists namespaced objects only
+        # there; what it reads cluster-wide (Nodes, for the Schedulable condition) a ClusterRole grants.
+        assert {role["metadata"]["namespace"] for role in namespaced} == {NAMESPACE}
+        assert {r.namespace for r in requests if r.namespace} == {NAMESPACE}
+        assert all(rbac_triple(r) in cluster_wide for r in requests if not r.namespace)
     used = {rbac_triple(r) for r in requests}
-    granted = {(group, resource, verb) for rule in role["rules"] for group in rule["apiGroups"]
-               for resource in rule["resources"] for verb in rule["verbs"]}
-    assert used and used <= granted, f"the rendered Role lacks {sorted(used - granted)}"
+    granted = cluster_wide.union(*(grants(role) for role in namespaced))
+    assert used and used <= granted, f"the rendered roles lack {sorted(used - granted)}"
 
     # Recreate strategy relies on the old operator stopping on SIGTERM.
     os.killpg(pid, signal.SIGTERM)
