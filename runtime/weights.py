@@ -160,7 +160,7 @@ def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
     seconds = time.perf_counter() - began
     # Issue 17: the load rate per rank (bytes of its shard over the whole build), also in status.
     metrics.MODEL_LOAD_BYTES.labels(rank=str(ctx.rank)).set(nbytes)
-    metrics.MODEL_LOAD_RATE.labels(rank=str(ctx.rank)).set(nbytes / 1e6 / seconds if seconds > 0 else 0.0)
+    metrics.MODEL_LOAD_RATE.labels(rank=str(ctx.rank)).set(nbytes / seconds if seconds > 0 else 0.0)
     log.info("event=load_done rank=%d stage=%d layers=%d-%d shard_mib=%.1f seconds=%.2f rate_mb_s=%.1f",
              ctx.rank, ctx.pp_rank, layers.start, layers.stop - 1, nbytes / 2**20, seconds,
              nbytes / 1e6 / seconds if seconds > 0 else 0.0)

@@ -123,7 +123,7 @@ OPERATOR_GROUP_START_SECONDS = Histogram(
 )
 # Each rank: bytes of its shard / seconds to read them (MB/s, 10^6 bytes), and how far it got.
 MODEL_LOAD_RATE = Gauge(
-    PREFIX + "model_load_rate_mb_per_second", "Read rate of this rank's weight load (MB/s).", ["rank"],
+    PREFIX + "model_load_rate_bytes_per_second", "Read rate of this rank's weight load (bytes/s).", ["rank"],
     multiprocess_mode="livemax",
 )
 MODEL_LOAD_BYTES = Gauge(
