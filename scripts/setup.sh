@@ -36,6 +36,12 @@ if [ "$mode" = dev ]; then
   # tests/packaging/test_image_build.py builds the Dockerfile without a daemon or a registry.
   command -v buildah >/dev/null || need+=(buildah)
   command -v debootstrap >/dev/null || need+=(debootstrap)
+  # tests/runtime/test_cpu_kernels.py compile-checks the other architecture's kernel level (NEON on
+  # x86-64, AVX2/AVX-512 on Arm) with Debian's cross compiler.
+  case "$(uname -m)" in
+    x86_64) command -v aarch64-linux-gnu-g++ >/dev/null || need+=(g++-aarch64-linux-gnu) ;;
+    aarch64) command -v x86_64-linux-gnu-g++ >/dev/null || need+=(g++-x86-64-linux-gnu) ;;
+  esac
   if [ ${#need[@]} -gt 0 ]; then
     echo "[setup +${SECONDS}s] apt-get install ${need[*]}"
     if [ "$(id -u)" = 0 ]; then SUDO=(); else SUDO=(sudo); fi
