@@ -179,6 +179,9 @@ def build(target: Path, level: str | None = None) -> None:
         result = subprocess.run(compile_command(level, partial, cxx), capture_output=True, text=True, timeout=300)
         if result.returncode != 0:
             raise RuntimeError(f"{cxx} exited {result.returncode}: {result.stderr.strip()[-2000:]}")
+        # The temporary file was created 0600 and the linker keeps that (adding x): other users, such as
+        # the image's non-root rank user loading kernels root built, could then not map the library.
+        os.chmod(partial, 0o755)
         os.replace(partial, target)  # atomic: concurrent ranks each build, the last rename wins
     finally:
         partial.unlink(missing_ok=True)

@@ -244,8 +244,6 @@ def test_cpu_runtime_image_serves_a_completion(buildah: Buildah, runtime_cpu_ima
     RUNTIME_RUN["log"], RUNTIME_RUN["kernel_dir"] = run_log, kernel_dir
 
 
-@pytest.mark.xfail(strict=True, reason="the image's prebuilt kernels do not load yet: torch.ops.load_library "
-                   "raises OSError 'Could not load this library' for each level (issue 20 report)")
 def test_cpu_runtime_ranks_load_the_prebuilt_kernels() -> None:
     """The ranks of the serving test above loaded the image's kernels: nothing compiled, nothing written."""
     assert RUNTIME_RUN, "test_cpu_runtime_image_serves_a_completion did not run"

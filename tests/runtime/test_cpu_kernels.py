@@ -303,3 +303,13 @@ def test_no_compiler_falls_back(tmp_path: Path) -> None:
     done = _run_module({"LARGEMODEL_KERNEL_DIR": str(tmp_path / "k"), "CXX": str(tmp_path / "no-such-compiler")})
     assert done.returncode == 0 and "unavailable" in done.stdout
     assert "event=kernel_unavailable" in done.stderr
+
+
+def test_built_library_is_readable_by_every_user(tmp_path: Path) -> None:
+    """The image builds the kernels as root and its ranks load them as uid 1000: the library must not
+    keep the 0600 of the temporary file it was written to (dlopen needs to read it)."""
+    if shutil.which(os.environ.get("CXX") or "c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: the kernels cannot be built (the engine uses torch ops)")
+    target = tmp_path / "k.so"
+    cpu_kernels.build(target, "generic")
+    assert target.stat().st_mode & 0o555 == 0o555, oct(target.stat().st_mode)
