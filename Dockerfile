@@ -5,6 +5,7 @@
 # Base images are pinned by tag and by the digest of their multi-arch index.
 # Both are build args whose defaults are those pins (an air-gapped build passes a mirrored copy,
 # tests/packaging/test_image_build.py a local Debian bookworm + Python 3.11 stand-in).
+# checkov:skip=CKV_DOCKER_7:FROM names build args whose defaults are pinned by tag and digest (below), or a stage
 ARG PYTHON_BASE=python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1
 ARG CUDA_TORCH_BASE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime@sha256:417bd75df6365104c283ea4c1651fb3530d9eb5a4c2fafa51943cff2a94e6385
 # The runtime's PyTorch: TORCH=cuda (default) keeps the CUDA base's own torch; TORCH=cpu builds the
