@@ -104,6 +104,9 @@ def main(argv: list[str]) -> int:
     log.info("run.plan name=%s tp=%d pp=%d micro_batches=%d layers_per_stage=%s model_dir=%s",
              lm.metadata.name, plan.tp, plan.pp, plan.micro_batches, list(plan.layers_per_stage), model_dir)
     signal.signal(signal.SIGTERM, _raise_stop)
+    # Ctrl-C stops the run even when it was started with SIGINT ignored (a non-interactive shell's
+    # background job passes that on, and Python then installs no KeyboardInterrupt handler).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     nodes: list[subprocess.Popen[bytes]] = []
     try:
         # The stages of this group authenticate each other with it (rank ports bind loopback anyway).
