@@ -24,7 +24,6 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from largemodel import envcontract
 from largemodel.envcontract import RankEnv
 
 log = logging.getLogger(__name__)
@@ -36,11 +35,6 @@ POLL_S = 0.05
 HANDSHAKE_TIMEOUT_S = 5.0
 MAX_PENDING = 16  # unauthenticated connections held at once; more are closed at accept
 MAX_HELLO = 128  # bytes of an answer; a longer line is not one
-
-
-def liveness_port(master_port: int) -> int:
-    """The port the stage-0 supervisor listens on: right after the rendezvous port (the env contract's)."""
-    return envcontract.liveness_port(master_port)
 
 
 def answer(secret: bytes, challenge: bytes, node_rank: int) -> str:
@@ -81,9 +75,9 @@ class LivenessLink:
                         "speak the protocol")
         link = cls(env, secret or b"", bind_host)
         if env.node_rank == 0:
-            link.listener = socket.create_server((bind_host, liveness_port(env.master_port)), reuse_port=False)
+            link.listener = socket.create_server((bind_host, env.liveness_port), reuse_port=False)
             link.listener.setblocking(False)
-            log.info("event=liveness_listening host=%s port=%d", bind_host or "*", liveness_port(env.master_port))
+            log.info("event=liveness_listening host=%s port=%d", bind_host or "*", env.liveness_port)
         return link
 
     def _connect(self) -> None:
@@ -91,7 +85,7 @@ class LivenessLink:
             return
         self.next_try = time.monotonic() + RETRY_S
         try:
-            sock = socket.create_connection((self.env.master_addr, liveness_port(self.env.master_port)), timeout=2)
+            sock = socket.create_connection((self.env.master_addr, self.env.liveness_port), timeout=2)
         except OSError:
             return  # the stage-0 pod may not be up yet: the rendezvous has its own timeout
         try:

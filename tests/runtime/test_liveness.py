@@ -16,7 +16,7 @@ import pytest
 from largemodel import envcontract
 from largemodel.envcontract import EnvContractError, RankEnv
 from largemodel.runtime import liveness
-from largemodel.runtime.liveness import LivenessLink, liveness_port
+from largemodel.runtime.liveness import LivenessLink
 from largemodel.runtime.local import free_port_pair
 
 SECRET = b"s3cret-of-this-group"
@@ -59,7 +59,7 @@ def leader() -> Iterator[LivenessLink]:
 
 
 def _port(link: LivenessLink) -> int:
-    return liveness_port(link.env.master_port)
+    return link.env.liveness_port
 
 
 def test_listens_on_the_rank_address_only(leader: LivenessLink) -> None:
