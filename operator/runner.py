@@ -2,20 +2,25 @@
 
 Namespaced (`--namespace`, repeatable: only those namespaces are listed and watched) or
 `--all-namespaces`. `/healthz` and `/metrics` (every largemodel_operator_* series) share their
-own port (`--metrics-port`), separate from anything kopf serves.
+own port (`--metrics-port`), separate from anything kopf serves, on the same guarded server as the
+rank pods' metrics ports (`largemodel.guardedhttp`: read timeouts, a deadline per connection, a
+connection cap), in a thread of its own so no client can stall the reconcile loop.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler
 
-import aiohttp.web
 import kopf
 import prometheus_client
 
+from largemodel.guardedhttp import GuardedHTTPServer
 from largemodel.operator import handlers
 
 log = logging.getLogger(__name__)
@@ -42,24 +47,34 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def health_app(ready: asyncio.Event, operator_task: asyncio.Task[None]) -> aiohttp.web.Application:
-    """/healthz: 200 once kopf is up and while it runs; /metrics: the Prometheus exposition."""
+def health_handler(ready: asyncio.Event, operator_task: asyncio.Task[None]) -> type[BaseHTTPRequestHandler]:
+    """/healthz: 200 once kopf is up and while it runs; /metrics: the Prometheus exposition.
 
-    async def healthz(_: aiohttp.web.Request) -> aiohttp.web.Response:
-        if operator_task.done():
-            return aiohttp.web.json_response({"status": "stopped"}, status=503)
-        if not ready.is_set():
-            return aiohttp.web.json_response({"status": "starting"}, status=503)
-        return aiohttp.web.json_response({"status": "ok"})
+    Runs on the server's threads: it only reads the event's and the task's state.
+    """
 
-    async def metrics(_: aiohttp.web.Request) -> aiohttp.web.Response:
-        body = prometheus_client.generate_latest(prometheus_client.REGISTRY)
-        return aiohttp.web.Response(body=body, headers={"Content-Type": prometheus_client.CONTENT_TYPE_LATEST})
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            path = self.path.split("?", 1)[0]
+            if path == "/healthz":
+                status = ("stopped" if operator_task.done() else "ok" if ready.is_set() else "starting")
+                body, ctype = json.dumps({"status": status}).encode(), "application/json"
+                code = 200 if status == "ok" else 503
+            elif path == "/metrics":
+                body, ctype, code = (prometheus_client.generate_latest(prometheus_client.REGISTRY),
+                                     prometheus_client.CONTENT_TYPE_LATEST, 200)
+            else:
+                body, ctype, code = b'{"status": "not found"}', "application/json", 404
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
 
-    app = aiohttp.web.Application()
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/metrics", metrics)
-    return app
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - probes are not news
+            return
+
+    return Handler
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -73,17 +88,21 @@ async def serve(args: argparse.Namespace) -> None:
             ready_flag=ready,
         )
     )
-    runner = None
+    server = None
     if args.metrics_port:
-        runner = aiohttp.web.AppRunner(health_app(ready, operator_task), access_log=None)
-        await runner.setup()
-        await aiohttp.web.TCPSite(runner, args.metrics_address, args.metrics_port).start()
+        try:
+            server = GuardedHTTPServer((args.metrics_address, args.metrics_port), health_handler(ready, operator_task))
+        except OSError:
+            operator_task.cancel()
+            raise
+        threading.Thread(target=server.serve_forever, name="operator-metrics", daemon=True).start()
         log.info("health and metrics serving address=%s port=%d", args.metrics_address, args.metrics_port)
     try:
         await operator_task
     finally:
-        if runner is not None:
-            await runner.cleanup()
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
 
 def main(argv: list[str]) -> int:

@@ -6,8 +6,9 @@
 - `BodyGuard`: ASGI middleware that reads the request body itself, refusing (413) more than
   `max_body_bytes` and closing (408) a body that stalls past `body_timeout_s`, before the
   application parses any of it.
-- `GuardedHTTPServer`: the stdlib ThreadingHTTPServer the pod's metrics port runs on, with a
-  socket timeout per read, a deadline per connection and a cap on concurrent connections.
+- `GuardedHTTPServer` (from `largemodel.guardedhttp`, shared with the operator): the stdlib
+  ThreadingHTTPServer the pod's metrics port runs on, with a socket timeout per read, a deadline
+  per connection and a cap on concurrent connections.
 """
 
 from __future__ import annotations
@@ -16,15 +17,16 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
-import threading
 import time
 from collections.abc import Awaitable, Callable
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from largemodel.guardedhttp import GuardedHTTPServer
+
+__all__ = ["BodyGuard", "GuardedHTTPServer", "TimedH11Protocol"]
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +34,6 @@ HEADER_TIMEOUT_S = 10.0  # from connect (or the end of the last response) to the
 KEEP_ALIVE_S = 5  # idle time after a response before the connection is closed
 BODY_TIMEOUT_S = 30.0  # from the end of the head to the end of the body
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # equal to gRPC's default maximum message size
-METRICS_READ_TIMEOUT_S = 5.0
-METRICS_CONNECTION_S = 10.0
-METRICS_MAX_CONNECTIONS = 32
 
 ASGIApp = Callable[[dict[str, Any], Callable[[], Awaitable[dict[str, Any]]], Callable[[dict[str, Any]], Awaitable[None]]],
                    Awaitable[None]]
@@ -161,47 +160,3 @@ class BodyGuard:
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
-
-
-class GuardedHTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer whose connections cannot be held open: each read times out after
-    `read_timeout_s`, each connection is shut down `connection_s` after it was accepted, and
-    past `max_connections` concurrent connections new ones are closed at once."""
-
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], handler: Any, read_timeout_s: float = METRICS_READ_TIMEOUT_S,
-                 connection_s: float = METRICS_CONNECTION_S, max_connections: int = METRICS_MAX_CONNECTIONS) -> None:
-        super().__init__(address, handler)
-        self.read_timeout_s = read_timeout_s
-        self.connection_s = connection_s
-        self.max_connections = max_connections
-        self._open: dict[socket.socket, float] = {}
-        self._lock = threading.Lock()
-        self._reaper = threading.Thread(target=self._reap, name="http-reaper", daemon=True)
-        self._reaper.start()
-
-    def verify_request(self, request: Any, client_address: Any) -> bool:
-        """Admit a connection while fewer than max_connections are open."""
-        with self._lock:
-            if len(self._open) >= self.max_connections:
-                return False
-            self._open[request] = time.monotonic() + self.connection_s
-        request.settimeout(self.read_timeout_s)
-        return True
-
-    def shutdown_request(self, request: Any) -> None:
-        """Forget the connection as it closes."""
-        with self._lock:
-            self._open.pop(request, None)
-        super().shutdown_request(request)
-
-    def _reap(self) -> None:
-        while True:
-            time.sleep(min(1.0, self.connection_s / 4))
-            now = time.monotonic()
-            with self._lock:
-                late = [sock for sock, deadline in self._open.items() if now > deadline]
-            for sock in late:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)  # the handler thread's read fails and it closes

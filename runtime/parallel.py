@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -198,33 +197,29 @@ class ParallelContext:
         return tensor
 
 
-def rendezvous_store(rank: int, world_size: int, master_addr: str, master_port: int, timeout: timedelta,
-                     bind_host: str = "") -> dist.TCPStore:
-    """The group's TCPStore; rank 0 serves it on `bind_host` only ("" = every interface).
+def rendezvous_store(rank: int, master_addr: str, master_port: int, timeout: timedelta, bind_host: str = "",
+                     secret: bytes = b"") -> dist.Store:
+    """The group's rendezvous store (runtime/rendezvous.py): rank 0 serves it on `bind_host` only
+    ("" = every interface) and admits only peers that prove the group secret; every rank, rank 0
+    included, is its client."""
+    from largemodel.runtime.rendezvous import GroupStore, StoreServer
 
-    torch's TCPStore server listens on every interface unless handed a socket already bound:
-    global rank 0 binds one to the rank address (pod IP, or loopback for `largemodel run`).
-    """
-    if rank != 0:
-        return dist.TCPStore(master_addr, master_port, world_size, False, timeout)
-    family = socket.AF_INET6 if ":" in bind_host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((bind_host, master_port))
-        sock.listen(1024)
-    except OSError:
-        sock.close()
-        raise
-    # The store owns the descriptor from here on (detach: Python must not close it).
-    return dist.TCPStore(master_addr, master_port, world_size, True, timeout, master_listen_fd=sock.detach())
+    if not secret:
+        log.warning("event=store_no_secret detail=no group secret is set; store peers prove only that they "
+                    "speak the protocol")
+    server = StoreServer.serve(bind_host, master_port, secret) if rank == 0 else None
+    store = GroupStore(master_addr, master_port, secret, timeout)
+    store.server = server  # rank 0's server lives as long as its store
+    return store
 
 
 def init_distributed(rank: int, world_size: int, tp: int, pp: int, master_addr: str, master_port: int,
-                     timeout_s: float | None = None, bind_host: str | None = None) -> ParallelContext:
+                     timeout_s: float | None = None, bind_host: str | None = None,
+                     secret: bytes = b"") -> ParallelContext:
     """Join the default group (nccl on GPU, gloo on CPU) and create the TP and PP subgroups.
 
-    `bind_host` (not None): rank 0 serves the rendezvous store on that address only.
+    `bind_host` (not None): rank 0 serves the group's authenticated rendezvous store on that address
+    only, admitting ranks that hold `secret`; None (tests and benches on loopback): torch's TCPStore.
     """
     cuda = torch.cuda.is_available()
     backend = "nccl" if cuda else "gloo"
@@ -237,7 +232,7 @@ def init_distributed(rank: int, world_size: int, tp: int, pp: int, master_addr: 
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
                                 world_size=world_size, timeout=timeout)
     else:
-        store = rendezvous_store(rank, world_size, master_addr, master_port, timeout, bind_host)
+        store = rendezvous_store(rank, master_addr, master_port, timeout, bind_host, secret)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     ctx = ParallelContext(tp=tp, pp=pp, tp_rank=rank % tp, pp_rank=rank // tp, backend=backend, device=device)
     # Every rank must create every group, in the same order.

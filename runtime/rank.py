@@ -128,7 +128,8 @@ def run_rank(local_rank: int, environ: dict[str, str]) -> int:
         model_dir = resolve_model_dir(env.model_uri)
         check_planned_split(model_dir, env)
         ctx = init_distributed(rank, env.world_size, env.tp, env.pp, env.master_addr, env.master_port,
-                               bind_host=envcontract.rank_bind_host(environ))
+                               bind_host=envcontract.rank_bind_host(environ),
+                               secret=envcontract.group_secret(environ) or b"")
         metrics.RANK_INFO.labels(rank=str(rank), tp_rank=str(ctx.tp_rank), pp_rank=str(ctx.pp_rank), tp=str(env.tp),
                                  pp=str(env.pp), group=str(env.group_index), backend=ctx.backend,
                                  engine=env.engine).set(1)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -54,6 +56,24 @@ def test_all_namespaces_health_metrics_and_sigterm(cluster: MockCluster) -> None
         for ns in ("models", "other"):
             wait_for(lambda ns=ns: cluster.get(apps_path("statefulsets", ns, "smollm2-g0")), f"children in {ns}")
             wait_for(lambda ns=ns: (cluster.get(lm_path(ns, "smollm2")) or {}).get("status"), f"status in {ns}")
+        # Issue 14, defect 6 on the operator's port too: an idle connection and a slowloris head are
+        # cut within the guarded server's limits (5 s per read, 10 s per connection) and the
+        # probes keep answering meanwhile.
+        began = time.monotonic()
+        idle = socket.create_connection(("127.0.0.1", port), timeout=5)
+        slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+        slow.sendall(b"GET /healthz HTTP/1.1\r\n")
+        assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+        for sock in (idle, slow):
+            sock.settimeout(15)
+            try:
+                while sock.recv(4096):
+                    pass
+            except ConnectionResetError:
+                pass
+            sock.close()
+        assert time.monotonic() - began < 14, "the operator's metrics port held a connection open"
+        assert httpx.get(url + "/nope", timeout=5).status_code == 404
         body = httpx.get(url + "/metrics", timeout=5).text
         assert "largemodel_operator_reconcile_seconds_count" in body
         assert 'largemodel_operator_api_requests_total{resource="statefulsets",verb="create"} 2.0' in body

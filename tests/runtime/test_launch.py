@@ -22,6 +22,15 @@ from tiny_models import word
 
 def listening_addresses(pid: int) -> list[str]:
     """Local addresses of the TCP sockets process `pid` listens on (from /proc)."""
+    return [address for address, _ in _listening(pid)]
+
+
+def listening_ports(pid: int) -> list[int]:
+    """Ports of the TCP sockets process `pid` listens on (from /proc)."""
+    return [port for _, port in _listening(pid)]
+
+
+def _listening(pid: int) -> list[tuple[str, int]]:
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         with contextlib.suppress(OSError):
@@ -34,12 +43,13 @@ def listening_addresses(pid: int) -> list[str]:
             cols = line.split()
             if cols[3] != "0A" or cols[9] not in inodes:  # 0A: LISTEN
                 continue
-            raw = bytes.fromhex(cols[1].split(":")[0])
+            host, port = cols[1].split(":")
+            raw = bytes.fromhex(host)
             if v6:
                 packed = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-                found.append(socket.inet_ntop(socket.AF_INET6, packed))
+                found.append((socket.inet_ntop(socket.AF_INET6, packed), int(port, 16)))
             else:
-                found.append(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+                found.append((socket.inet_ntop(socket.AF_INET, raw[::-1]), int(port, 16)))
     return found
 
 
@@ -76,9 +86,20 @@ def test_group_serves_then_stops_cleanly(checkpoints: dict[str, Any], tmp_path: 
             for junk in (b"junk\n", b"1 " + b"0" * 64 + b"\n", bytes(range(256))):
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
                     sock.sendall(junk)
+        # The same on every port a rank listens on: the rendezvous store (rank 0) and gloo's p2p
+        # listeners, which strangers cannot find through the authenticated store but may scan.
+        rank_pids = [c for s in (0, 1) for c in pods.rank_pids(s)]
+        p2p = sorted({p for pid in rank_pids for p in listening_ports(pid)} - {master_port})
+        assert len(p2p) >= len(rank_pids), p2p  # every rank has its gloo listener
+        for port in p2p:
+            socket.create_connection(("127.0.0.1", port), timeout=5).close()
+            for junk in (b"junk\n", bytes(range(256)), b"\x00" * 64):
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                    sock.sendall(junk)
         time.sleep(1.0)
         assert all(p.poll() is None for p in pods.procs), pods.tail()
         assert "event=liveness_stranger" in pods.logs[0].read_text()
+        assert "event=store_stranger" in pods.logs[0].read_text()
         # Every port of the group listens on the rank address (loopback here) only.
         for pid in [p.pid for p in pods.procs] + [c for s in (0, 1) for c in pods.rank_pids(s)]:
             for address in listening_addresses(pid):
