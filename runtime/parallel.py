@@ -197,6 +197,9 @@ class ParallelContext:
         return tensor
 
 
+_LIVE_STORES: list[dist.Store] = []
+
+
 def rendezvous_store(rank: int, master_addr: str, master_port: int, timeout: timedelta, bind_host: str = "",
                      secret: bytes = b"") -> dist.Store:
     """The group's rendezvous store (runtime/rendezvous.py): rank 0 serves it on `bind_host` only
@@ -210,6 +213,9 @@ def rendezvous_store(rank: int, master_addr: str, master_port: int, timeout: tim
     server = StoreServer.serve(bind_host, master_port, secret) if rank == 0 else None
     store = GroupStore(master_addr, master_port, secret, timeout)
     store.server = server  # rank 0's server lives as long as its store
+    # torch keeps only the C++ half of a Python Store: once the Python object is collected, every
+    # later new_group (DeepSpeed makes its own) finds no `set` to call. It lives as long as the process.
+    _LIVE_STORES.append(store)
     return store
 
 

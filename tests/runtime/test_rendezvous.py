@@ -141,7 +141,13 @@ from largemodel.runtime.parallel import init_distributed
 import torch, torch.distributed as dist
 rank, port, secret = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode()
 ctx = init_distributed(rank, 2, 2, 1, "127.0.0.1", port, timeout_s=20, bind_host="127.0.0.1", secret=secret)
+import gc
+gc.collect()
+# groups made after init_distributed returned (DeepSpeed makes its own), of one rank and of both
+for ranks in ([0], [1], [0, 1]):
+    made = dist.new_group(ranks)
 t = torch.full((3,), float(rank + 1))
+dist.all_reduce(t, group=made)
 ctx.all_reduce(t)
 dist.all_reduce(t)
 print("RESULT", t.tolist(), flush=True)
@@ -172,7 +178,7 @@ def test_a_gloo_group_starts_through_the_store_and_an_outsider_cannot_join(tmp_p
     """init_distributed's real path: two ranks with the secret form a tp=2 group; a rank without it fails fast."""
     good = _ranks(["s3cret", "s3cret"], tmp_path)
     assert [d.returncode for d in good] == [0, 0], "\n".join(d.stdout for d in good)
-    assert all("RESULT [6.0, 6.0, 6.0]" in d.stdout for d in good)
+    assert all("RESULT [12.0, 12.0, 12.0]" in d.stdout for d in good)
     bad = _ranks(["s3cret", "guess"], tmp_path)
     assert bad[1].returncode != 0 and "group secret" in bad[1].stdout, bad[1].stdout
     assert "event=store_stranger" in bad[0].stdout or bad[0].returncode != 0
