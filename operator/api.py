@@ -8,6 +8,7 @@ resource it reads through them. CEL rules that need no model knowledge ride alon
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -346,7 +347,7 @@ class LargeModelSpec(_Spec):
 class Condition(BaseModel):
     """A status condition as Kubernetes conventions define it."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
     type: str
     status: Literal["True", "False", "Unknown"]
@@ -359,7 +360,7 @@ class Condition(BaseModel):
 class RejectedLayout(BaseModel):
     """A layout the planner considered and why it was rejected."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
     tensor: int
     pipeline: int
@@ -369,7 +370,7 @@ class RejectedLayout(BaseModel):
 class PlanStatus(BaseModel):
     """The chosen layout as written in status.plan."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
     tensor: int
     pipeline: int
@@ -386,22 +387,62 @@ class PlanStatus(BaseModel):
     rejected: list[RejectedLayout] = Field(default_factory=list)
 
 
+class GroupState(enum.StrEnum):
+    """status.groups[].state: where one rank group is. reconcile.py decides it each pass; the operator's
+    largemodel_operator_groups gauge sums it (operator/controller.py). The CRD keeps a plain string."""
+
+    PENDING = "Pending"  # no StatefulSet observed yet
+    STARTING = "Starting"  # created or recreated, not every pod Ready yet
+    READY = "Ready"
+    UPDATING = "Updating"  # an outdated revision being replaced (rolling, one group at a time)
+    RESTARTING = "Restarting"  # a failed group being deleted to be recreated within the budget
+    TERMINATING = "Terminating"  # scaled away, or its StatefulSet is going
+    DOWN = "Down"  # the restart budget is spent: left as it is, the model is Degraded
+
+
+class GroupLifecycle(BaseModel):
+    """When this incarnation of the group passed each step of its start, and the seconds between."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+
+    uid: str | None = Field(default=None, description="The StatefulSet these times belong to.")
+    created_at: str | None = Field(default=None, alias="createdAt")
+    scheduled_at: str | None = Field(default=None, alias="scheduledAt", description="Every pod bound to a node.")
+    started_at: str | None = Field(default=None, alias="startedAt", description="Every container running.")
+    loaded_at: str | None = Field(default=None, alias="loadedAt", description="Every pod's startupProbe passed.")
+    ready_at: str | None = Field(default=None, alias="readyAt")
+    seconds: dict[str, float] | None = Field(
+        default=None, description="scheduling, image, load, join, total and recovery, as far as known.")
+    load_rate_mb_per_second: float | None = Field(default=None, alias="loadRateMBps")
+
+
 class GroupStatus(BaseModel):
     """One rank group as status.groups reports it."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    # `state` holds a GroupState value. Fields added after the first release have no default, so
+    # the API server fills nothing in and an unchanged pass equals the stored status (no writes).
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
     index: int
     ready: bool = False
     restarts: int = 0
     revision: str = ""
     state: str = ""
+    start_phase: str | None = Field(default=None, alias="startPhase",
+                                    description="Scheduling, Pulling, Loading n%, Joining or Ready.")
+    ready_once: bool | None = Field(default=None, alias="readyOnce",
+                                    description="This revision has been Ready: later restarts spend the crash budget.")
+    startup_restarts: int | None = Field(default=None, alias="startupRestarts",
+                                         description="Restarts before the group's first Ready (their own budget).")
+    lifecycle: GroupLifecycle | None = None
 
 
 class LargeModelStatus(BaseModel):
     """What the operator observed, written once per reconcile pass."""
 
-    model_config = ConfigDict(populate_by_name=True)
+    # reconcile.py builds every status through this model (extra fields forbidden), so nothing it
+    # writes is a field the CRD's structural schema lacks, which the API server would prune.
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
 
     phase: Literal["Pending", "Deploying", "Ready", "Degraded", "Failed"] | None = None
     observed_generation: int | None = Field(default=None, alias="observedGeneration")
@@ -413,6 +454,7 @@ class LargeModelStatus(BaseModel):
     groups: list[GroupStatus] = Field(default_factory=list)
     endpoint: str = ""
     revision: str = ""
+    gang: GangMode | None = Field(default=None, description="The gang mode whose PodGroups exist (for clean-up).")
 
 
 class ObjectMeta(BaseModel):
@@ -443,5 +485,8 @@ class LargeModel(BaseModel):
 
     @classmethod
     def from_manifest(cls, body: dict[str, Any]) -> LargeModel:
-        """Parse a resource as read from a file or the API server."""
-        return cls.model_validate(body)
+        """Parse a resource as read from a file or the API server.
+
+        The status is the operator's own output (the status subresource owns it): it never makes a
+        spec invalid, so it is not parsed here."""
+        return cls.model_validate({k: v for k, v in body.items() if k != "status"})

@@ -49,6 +49,24 @@ def _not_found(kind: str, name: str) -> ApiStatusError:
     return ApiStatusError(404, "NotFound", f'{kind} "{name}" not found', {"name": name, "kind": kind})
 
 
+def prune(value: Any, schema: Mapping[str, Any]) -> Any:
+    """What the API server keeps of `value` under a structural schema: object fields the schema
+    does not name are dropped (unless x-kubernetes-preserve-unknown-fields), recursively."""
+    if isinstance(value, dict):
+        if schema.get("x-kubernetes-preserve-unknown-fields"):
+            return value
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties")
+        if props is not None:
+            return {k: prune(v, props[k]) for k, v in value.items() if k in props}
+        if isinstance(extra, Mapping):
+            return {k: prune(v, extra) for k, v in value.items()}
+        return value
+    if isinstance(value, list) and isinstance(schema.get("items"), Mapping):
+        return [prune(v, schema["items"]) for v in value]
+    return value
+
+
 def matches_selector(labels: Mapping[str, str], selector: str) -> bool:
     """Whether `labels` satisfy a label selector string (=, ==, !=, in, notin, key, !key)."""
     if not selector.strip():
@@ -93,6 +111,8 @@ class K8sMock(kmock.KubernetesEmulator):
     _versions: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
     # Injected failures: [method, plural, subresource, name, agent, status, times left]; see fail_next().
     _faults: list[list[Any]] = attrs.field(factory=list, init=False)
+    # kind -> the structural schema its status writes are pruned to (see declare()).
+    status_schemas: dict[str, Any] = attrs.field(factory=dict, init=False)
 
     def fail_next(
         self, method: str, plural: str, status: int, *, times: int = 1, subresource: str = "", name: str = "",
@@ -116,9 +136,14 @@ class K8sMock(kmock.KubernetesEmulator):
 
     def declare(
         self, resource: str, kind: str, *, namespaced: bool = True, subresources: tuple[str, ...] = (),
-        shortnames: tuple[str, ...] = (),
+        shortnames: tuple[str, ...] = (), status_schema: dict[str, Any] | None = None,
     ) -> None:
-        """Declare a served resource ('group/version/plural' or 'v1/plural') for discovery."""
+        """Declare a served resource ('group/version/plural' or 'v1/plural') for discovery.
+
+        `status_schema` (a CRD's structural schema of .status): status writes are pruned to it, as
+        the API server prunes fields a structural schema does not name."""
+        if status_schema is not None:
+            self.status_schemas[str(kind)] = status_schema
         verbs = ["get", "list", "watch", "create", "update", "patch", "delete"]
         self.resources[resource] = kmock.ResourceInfo(
             kind=kind, singular=kind.lower(), namespaced=namespaced, verbs=verbs, subresources=set(subresources),
@@ -227,6 +252,9 @@ class K8sMock(kmock.KubernetesEmulator):
         new = self._apply_change(request, old)
         if request.subresource == "status":
             new = {**old, "status": new.get("status")} if "status" in new else {k: v for k, v in old.items() if k != "status"}
+            schema = self.status_schemas.get(str(info.kind))
+            if schema is not None and isinstance(new.get("status"), dict):
+                new["status"] = prune(new["status"], schema)
         elif "status" in info.subresources:
             if "status" in old:
                 new["status"] = old["status"]

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from k8smock import prune
 
-from largemodel.operator import fit, gang
+from largemodel.operator import crd, fit, gang
 from largemodel.operator.builders import POD_INDEX_LABEL
 from largemodel.operator.reconcile import Create, Delete, Observed, Patch, Result, reconcile
 
@@ -31,6 +32,9 @@ def example_lm(name: str = "smollm2", **spec: Any) -> dict[str, Any]:
         else:
             body["spec"][key] = value
     return body
+
+
+STATUS_SCHEMA = crd.openapi_schema()["properties"]["status"]
 
 
 def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
@@ -120,7 +124,9 @@ class World:
         if result.annotations is not None:
             self.lm = merge(self.lm, {"metadata": {"annotations": result.annotations}})
         if result.status is not None:
-            self.lm = merge(self.lm, {"status": result.status})
+            # Pruned to the CRD's status schema as the API server prunes it.
+            stored = merge(self.lm, {"status": result.status})
+            self.lm = {**stored, "status": prune(stored.get("status") or {}, STATUS_SCHEMA)}
 
     def run_pods(self, ready: bool = True) -> None:
         """StatefulSet controller + kubelet: every StatefulSet gets its pods, Running and Ready."""

@@ -23,7 +23,7 @@ import kmock
 import yaml
 from k8smock import K8sMock
 
-from largemodel.operator import api
+from largemodel.operator import api, crd
 
 LM_RESOURCE = f"{api.GROUP}/{api.VERSION}/{api.PLURAL}"
 TEST_AGENT = "largemodel-tests"
@@ -113,7 +113,10 @@ def apps_path(plural: str, namespace: str, name: str = "") -> str:
 
 def declare_resources(mock: K8sMock, namespaces: list[str]) -> None:
     """Serve what the operator and kubectl use, with the subresources a real server has."""
-    mock.declare(LM_RESOURCE, api.KIND, subresources=("status", "scale"), shortnames=tuple(api.SHORT_NAMES))
+    # The LargeModel CRD's own status schema: status writes are pruned to it as a real server does,
+    # so a status field the CRD lacks is lost here too (and the next pass would write it again).
+    mock.declare(LM_RESOURCE, api.KIND, subresources=("status", "scale"), shortnames=tuple(api.SHORT_NAMES),
+                 status_schema=crd.openapi_schema()["properties"]["status"])
     mock.declare("apps/v1/statefulsets", "StatefulSet", subresources=("status", "scale"))
     mock.declare("v1/pods", "Pod", subresources=("status",))
     mock.declare("v1/services", "Service", subresources=("status",))
