@@ -34,6 +34,7 @@ EXIT_ENV_ERROR = 2
 EXIT_RANK_FAILED = 3
 SHUTDOWN_GRACE_S = 60.0  # how long clean exits of the other ranks may take once one rank has left
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+RUN_PID_ENV = "LARGEMODEL_RUN_PID"  # set by `largemodel run` for its stage processes: their parent
 
 
 def configure_logging() -> None:
@@ -75,7 +76,16 @@ def supervise(procs: list[subprocess.Popen[bytes]], env: RankEnv, link: Liveness
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     first_clean_exit: float | None = None
+    # `largemodel run` names itself: if it is killed (SIGKILL, OOM) this stage must not live on alone.
+    run_pid = os.environ.get(RUN_PID_ENV, "")
+    parent = int(run_pid) if run_pid.isdigit() else None
     while True:
+        if parent is not None and os.getppid() != parent:
+            log.error("event=pod_stop reason=largemodel run (pid %d) is gone", parent)
+            if link is not None:
+                link.close(clean=False)
+            stop_processes(procs)
+            return EXIT_RANK_FAILED
         codes = [p.poll() for p in procs]
         failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
         if failed:

@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from largemodel import envcontract
+from largemodel.runtime.launch import RUN_PID_ENV
 from largemodel.runtime.server import BIND_HOST_ENV, DRAIN_GRACE_ENV
 
 log = logging.getLogger("largemodel.run")
@@ -182,6 +183,7 @@ def _start_node(group: envcontract.RankGroupEnv, stage: int, grace_s: float,
     if secret:
         env[envcontract.GROUP_SECRET] = secret
     env[DRAIN_GRACE_ENV] = str(grace_s)
+    env[RUN_PID_ENV] = str(os.getpid())  # a stage stops its ranks if this process dies without stopping it
     env["PYTHONSAFEPATH"] = "1"
     # Ranks share this machine's cores: one thread each unless the user said otherwise.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (group.tp * group.pp))))

@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -131,5 +132,26 @@ def test_streams_past_the_grace_period_end_with_an_error_not_a_hang(tiny_model: 
             assert json.loads(events[-2][len("data: "):])["error"]["code"] == "aborted"
         assert running.proc.wait(60) == 0, running.log_text()[-3000:]
         assert "server.drain_timeout" in running.log_text()
+    finally:
+        running.stop(timeout_s=5)
+
+
+def test_a_killed_largemodel_run_takes_its_stages_with_it(tiny_model: Path, tmp_path: Path) -> None:
+    """SIGKILL (or the OOM killer) gives `largemodel run` no chance to stop its stage processes:
+    each stage's supervisor sees its parent gone and stops its ranks itself."""
+    lm_file = write_largemodel(tmp_path / "killed.yaml", "killed", tiny_model)
+    running = start_run(lm_file, tmp_path / "run.log")
+    try:
+        ranks = descendants(running.proc.pid)
+        assert ranks
+        running.proc.kill()
+        running.proc.wait(10)
+        deadline = time.monotonic() + 60
+        alive = ranks
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.5)
+            alive = [pid for pid in ranks if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
+        assert not alive, f"stage processes outlived a killed largemodel run: {alive}\n{running.log_text()[-3000:]}"
+        assert "largemodel run (pid" in running.log_text()
     finally:
         running.stop(timeout_s=5)
