@@ -288,6 +288,11 @@ def test_guarded_server_caps_connections_and_time() -> None:
         for sock in held:
             assert _closed_within(sock, 6)[0]
         assert time.monotonic() - began < 8
+        # The cut connections leave the count once their handler threads finish; only then is a
+        # slot free (on a loaded machine that can trail the client seeing the close).
+        settle = time.monotonic() + 5
+        while len(server._open) >= 2 and time.monotonic() < settle:
+            time.sleep(0.05)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as resp:
             assert resp.read() == b"ok"
     finally:
