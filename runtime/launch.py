@@ -80,12 +80,6 @@ def supervise(procs: list[subprocess.Popen[bytes]], env: RankEnv, link: Liveness
     run_pid = os.environ.get(RUN_PID_ENV, "")
     parent = int(run_pid) if run_pid.isdigit() else None
     while True:
-        if parent is not None and os.getppid() != parent:
-            log.error("event=pod_stop reason=largemodel run (pid %d) is gone", parent)
-            if link is not None:
-                link.close(clean=False)
-            stop_processes(procs)
-            return EXIT_RANK_FAILED
         codes = [p.poll() for p in procs]
         failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
         if failed:
@@ -106,6 +100,8 @@ def supervise(procs: list[subprocess.Popen[bytes]], env: RankEnv, link: Liveness
         late = first_clean_exit is not None and time.monotonic() - first_clean_exit > SHUTDOWN_GRACE_S
         term_late = bool(stopping) and time.monotonic() - stopping[0] > SHUTDOWN_GRACE_S
         broken = link.poll() if link is not None else None
+        if parent is not None and os.getppid() != parent:
+            broken = f"largemodel run (pid {parent}) is gone"
         if late or term_late or broken:
             log.error("event=pod_stop reason=%s", broken or "ranks did not exit after shutdown")
             if link is not None:
