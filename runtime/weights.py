@@ -2,8 +2,9 @@
 
 The stage model is built on the meta device, cut by `apply_tensor_parallel`, then allocated
 at shard size. Whole tensors and row shards are contiguous byte ranges of a safetensors file: they
-are read with `os.preadv` straight into the parameter's memory (one copy, from the page cache or
-the disk, no mapping; 3-5x the rate of going through mapped slices, bench/load_bench.py). Column
+are read with `os.preadv` straight into the parameter's memory, in 8 MiB ranges spread over a few
+reader threads (one copy, from the page cache or the disk, no mapping; bench/load_bench.py measures it
+against a plain read of the same files). Column
 shards, dtype conversions and vocab padding go through `safe_open(...).get_slice`, per tensor, so
 the pages mapped for one tensor are released before the next. Either way only this rank's part is
 read, and peak memory stays near the shard, never the whole model.
@@ -17,6 +18,7 @@ import logging
 import os
 import struct
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 PROGRESS_EVERY_S = 5.0
+READ_CHUNK = 8 * 2**20  # bytes per direct read: small enough to spread one tensor over the readers
+MAX_READERS = 8
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -55,11 +59,7 @@ def checkpoint_index(model_dir: Path) -> dict[str, Path]:
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise ModelConfigError(f"no *.safetensors files in {model_dir}")
-    names: dict[str, Path] = {}
-    for file in files:
-        with safe_open(str(file), framework="pt") as f:
-            names.update({name: file for name in f.keys()})  # noqa: SIM118 - safe_open is not a dict
-    return names
+    return {name: file for file in files for name in safetensors_entries(file)}
 
 
 # safetensors dtype names -> torch dtypes the direct reader may copy bytes for.
@@ -84,41 +84,53 @@ def safetensors_entries(file: Path) -> dict[str, TensorEntry]:
             raise ModelConfigError(f"{file}: safetensors header of {length} bytes is not plausible")
         header = json.loads(f.read(length))
     base = 8 + length
+    if not isinstance(header, dict):
+        raise ModelConfigError(f"{file}: safetensors header is not a JSON object")
+    end = base + max((int(meta["data_offsets"][1]) for name, meta in header.items() if name != "__metadata__"), default=0)
+    size = file.stat().st_size
+    if size < end:
+        raise ModelConfigError(f"{file} is {size} bytes but its header lists tensors up to byte {end}: "
+                               "an incomplete copy or download")
     return {name: TensorEntry(str(meta["dtype"]), tuple(int(d) for d in meta["shape"]), base + int(meta["data_offsets"][0]),
                               base + int(meta["data_offsets"][1]))
             for name, meta in header.items() if name != "__metadata__"}
 
 
-def read_direct(fd: int, entry: TensorEntry, shard: Shard | None, param: Tensor) -> bool:
-    """Read a whole tensor or a row shard straight into `param` (CPU, contiguous, same dtype, no
-    padding); False when the case is not that simple and the caller should use `read_shard`."""
+def direct_range(entry: TensorEntry, shard: Shard | None, param: Tensor) -> tuple[int, int] | None:
+    """(file offset, bytes) when `param`'s slice is one contiguous byte range of the file that can be
+    read straight into it: a whole tensor or a row shard, CPU, contiguous, same dtype, no padding.
+    None when the case is not that simple and the caller should use `read_shard`."""
     dtype = _FILE_DTYPES.get(entry.dtype)
     if dtype is None or dtype != param.dtype or param.device.type != "cpu" or not param.is_contiguous():
-        return False
+        return None
     row_bytes = param.element_size()
     for dim in entry.shape[1:]:
         row_bytes *= dim
     if shard is None:
         begin, count = entry.begin, entry.end - entry.begin
         if tuple(param.shape) != entry.shape:
-            return False
+            return None
     elif shard.dim == 0 and not shard.zero and entry.shape and shard.stop <= entry.shape[0]:
         begin, count = entry.begin + shard.start * row_bytes, (shard.stop - shard.start) * row_bytes
         if tuple(param.shape) != (shard.stop - shard.start, *entry.shape[1:]):
-            return False
+            return None
     else:
-        return False
+        return None
     if count != param.numel() * param.element_size():
-        return False
-    target = (ctypes.c_char * count).from_address(param.data_ptr())
-    view = memoryview(target).cast("B")
+        return None
+    return begin, count
+
+
+def read_range(fd: int, offset: int, address: int, count: int) -> int:
+    """`count` bytes of the file at `offset` into memory at `address` (one kernel copy, no mapping)."""
+    view = memoryview((ctypes.c_char * count).from_address(address)).cast("B")
     done = 0
     while done < count:
-        n = os.preadv(fd, [view[done:]], begin + done)
+        n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
             raise ModelConfigError(f"safetensors file ends inside a tensor (read {done} of {count} bytes)")
         done += n
-    return True
+    return count
 
 
 def read_shard(file: Path, name: str, shard: Shard | None) -> Tensor:
@@ -167,15 +179,42 @@ def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
     return model, seconds
 
 
-def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: dict[str, Shard]) -> int:
-    """Copy every parameter's slice in from the checkpoint; returns the bytes loaded."""
+def load_threads() -> int:
+    """Readers for the direct reads: the rank's thread budget, at least two (one thread's pages fault
+    in while the other copies; measured 6.1 -> 8.2-9.1 GB/s on 2 cores, docs/PERFORMANCE.md)."""
+    return min(MAX_READERS, max(2, torch.get_num_threads()))
+
+
+def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: dict[str, Shard],
+                 threads: int | None = None) -> int:
+    """Copy every parameter's slice in from the checkpoint; returns the bytes loaded.
+
+    Whole tensors and row shards become `READ_CHUNK` byte ranges read by `threads` readers straight
+    into the parameters while this thread fills the rest through `read_shard`."""
     files = checkpoint_index(model_dir)
     entries: dict[Path, dict[str, TensorEntry]] = {}
     fds: dict[Path, int] = {}
     params = list(model.named_parameters())
-    loaded, last_log, began = 0, time.perf_counter(), time.perf_counter()
+    total = sum(param.numel() * param.element_size() for _, param in params)
+    done, last_log, began = 0, time.perf_counter(), time.perf_counter()
+    pending: set[Future[int]] = set()
+
+    def progress(force: bool = False) -> None:
+        nonlocal last_log
+        if force or time.perf_counter() - last_log > PROGRESS_EVERY_S:
+            last_log = time.perf_counter()
+            log.info("event=load_progress loaded_mib=%.1f total_mib=%.1f elapsed_s=%.1f",
+                     done / 2**20, total / 2**20, last_log - began)
+
+    def collect(block: bool) -> None:
+        nonlocal done, pending
+        finished, pending = wait(pending, timeout=PROGRESS_EVERY_S if block else 0, return_when=FIRST_COMPLETED)
+        for future in finished:
+            done += future.result()  # a failed read raises here
+
+    readers = ThreadPoolExecutor(max_workers=threads or load_threads(), thread_name_prefix="load")
     try:
-        for i, (name, param) in enumerate(params):
+        for name, param in params:
             key = name
             if key not in files and name == "lm_head.weight" and config.tie_word_embeddings:
                 key = "model.embed_tokens.weight"
@@ -183,26 +222,37 @@ def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: 
                 raise ModelConfigError(f"checkpoint in {model_dir} has no tensor {key!r}")
             shard = shards.get(name)
             file = files[key]
+            nbytes = param.numel() * param.element_size()
             with torch.no_grad():
                 if shard is not None and shard.zero:
                     param.zero_()
-                else:
-                    if file not in entries:
-                        entries[file] = safetensors_entries(file)
-                        fds[file] = os.open(file, os.O_RDONLY)
-                    entry = entries[file].get(key)
-                    if entry is None or not read_direct(fds[file], entry, shard, param):
-                        part = read_shard(file, key, shard)
-                        if part.shape != param.shape:
-                            raise ModelConfigError(
-                                f"tensor {key!r} has shape {tuple(part.shape)}, expected {tuple(param.shape)}")
-                        param.copy_(part)
-            loaded += param.numel() * param.element_size()
-            if time.perf_counter() - last_log > PROGRESS_EVERY_S:
-                last_log = time.perf_counter()
-                log.info("event=load_progress tensors=%d/%d loaded_mib=%.1f elapsed_s=%.1f",
-                         i + 1, len(params), loaded / 2**20, last_log - began)
+                    done += nbytes
+                    continue
+                if file not in entries:
+                    entries[file] = safetensors_entries(file)
+                    fds[file] = os.open(file, os.O_RDONLY)
+                entry = entries[file].get(key)
+                where = None if entry is None else direct_range(entry, shard, param)
+                if where is not None:
+                    offset, count = where
+                    for at in range(0, count, READ_CHUNK):
+                        pending.add(readers.submit(read_range, fds[file], offset + at, param.data_ptr() + at,
+                                                   min(READ_CHUNK, count - at)))
+                    continue
+                part = read_shard(file, key, shard)
+                if part.shape != param.shape:
+                    raise ModelConfigError(f"tensor {key!r} has shape {tuple(part.shape)}, expected {tuple(param.shape)}")
+                param.copy_(part)
+                done += nbytes
+            collect(block=False)
+            progress()
+        while pending:
+            collect(block=True)
+            progress()
     finally:
+        for future in pending:
+            future.cancel()
+        readers.shutdown(wait=True)  # no reader may write into a parameter after we return
         for fd in fds.values():
             os.close(fd)
-    return loaded
+    return total

@@ -102,27 +102,67 @@ def test_vocab_padding_and_kv_replication_shapes(checkpoints: dict[str, Any]) ->
 
 
 def test_direct_reads_equal_mapped_slices(checkpoints: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Whole tensors and row shards are read straight into the parameters; the result equals the
-    safe_open slices (the fallback, forced here for every tensor) bit for bit, at tp 1 and tp 2."""
+    """Whole tensors and row shards are read straight into the parameters, in ranges spread over
+    several readers; the result equals the safe_open slices (the fallback, forced here for every
+    tensor) bit for bit, at tp 1 and tp 2, with one reader and with three."""
     from largemodel.runtime import weights
 
     gqa = Path(checkpoints["models"]["gqa"]["dir"])
     cpu = torch.device("cpu")
+    monkeypatch.setattr(weights, "READ_CHUNK", 1000)  # not a multiple of a row: ranges split rows and tensors
     for ctx in (ParallelContext(), ParallelContext(tp=2, tp_rank=1), ParallelContext(pp=2, pp_rank=1)):
-        used: list[bool] = []
+        for readers in (1, 3):
+            used: list[bool] = []
 
-        def counted(*args: Any, direct: Any = weights.read_direct, used: list[bool] = used) -> bool:
-            used.append(direct(*args))
-            return used[-1]
+            def counted(*args: Any, direct: Any = weights.direct_range, used: list[bool] = used) -> Any:
+                used.append(direct(*args) is not None)
+                return direct(*args)
 
-        monkeypatch.setattr(weights, "read_direct", counted)
-        fast = build_stage(gqa, ctx, torch.float32, cpu, 1, 8)[0].state_dict()
-        assert any(used) and (ctx.tp > 1 or all(used)), "row shards and whole tensors take the direct path"
-        monkeypatch.setattr(weights, "read_direct", lambda *a: False)
-        mapped = build_stage(gqa, ctx, torch.float32, cpu, 1, 8)[0].state_dict()
-        monkeypatch.undo()
-        assert fast.keys() == mapped.keys()
-        assert all(torch.equal(fast[k], mapped[k]) for k in fast), ctx
+            monkeypatch.setattr(weights, "direct_range", counted)
+            monkeypatch.setattr(weights, "load_threads", lambda readers=readers: readers)
+            fast = build_stage(gqa, ctx, torch.float32, cpu, 1, 8)[0].state_dict()
+            assert any(used) and (ctx.tp > 1 or all(used)), "row shards and whole tensors take the direct path"
+            monkeypatch.setattr(weights, "direct_range", lambda *a: None)
+            mapped = build_stage(gqa, ctx, torch.float32, cpu, 1, 8)[0].state_dict()
+            monkeypatch.undo()
+            monkeypatch.setattr(weights, "READ_CHUNK", 1000)
+            assert fast.keys() == mapped.keys()
+            assert all(torch.equal(fast[k], mapped[k]) for k in fast), (ctx, readers)
     # another dtype than the file's converts through the mapped path
     bf16 = build_stage(gqa, ParallelContext(), torch.bfloat16, cpu, 1, 8)[0]
     assert next(bf16.parameters()).dtype == torch.bfloat16
+
+
+def test_truncated_checkpoint_and_failed_reads_are_clear_errors(checkpoints: dict[str, Any], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file cut inside its tensors (a partial download) is named before anything is read; a read that
+    fails with readers in flight is raised in the loading thread after every reader stopped."""
+    import shutil
+    import threading
+
+    from largemodel.runtime import weights
+
+    gqa = Path(checkpoints["models"]["gqa"]["dir"])
+    cut = tmp_path / "cut"
+    shutil.copytree(gqa, cut)
+    for file in cut.glob("*.safetensors"):
+        with file.open("r+b") as f:
+            f.truncate(file.stat().st_size * 2 // 3)
+    with pytest.raises(ModelConfigError, match="an incomplete copy or download"):
+        build_stage(cut, ParallelContext(), torch.float32, torch.device("cpu"), 1, 8)
+
+    calls: list[int] = []
+
+    def failing(fd: int, offset: int, address: int, count: int, real: Any = weights.read_range) -> int:
+        calls.append(count)
+        if len(calls) == 5:
+            raise ModelConfigError("safetensors file ends inside a tensor (read 0 of 4096 bytes)")
+        return real(fd, offset, address, count)
+
+    monkeypatch.setattr(weights, "READ_CHUNK", 4096)
+    monkeypatch.setattr(weights, "load_threads", lambda: 3)
+    monkeypatch.setattr(weights, "read_range", failing)
+    with pytest.raises(ModelConfigError, match="ends inside a tensor"):
+        build_stage(gqa, ParallelContext(), torch.float32, torch.device("cpu"), 1, 8)
+    assert len(calls) >= 5
+    assert not [t for t in threading.enumerate() if t.name.startswith("load")], "readers outlive the failed load"
