@@ -160,7 +160,7 @@ def payload_size(header: Tensor, max_rows: int | None = None, max_width: int | N
 class StageIO:
     """Moves micro-batches in and out of one stage; keeps sends alive until they complete.
 
-    It also keeps the bubble books of one step (seconds on this rank's `clock`, perf_counter): the
+    It also keeps the bubble books of one step (seconds on this rank's `clock`, by default perf_counter): the
     window opens when the step starts for the whole pipeline (rank 0: the step's call; elsewhere:
     arrival of the step's first header minus the age it carries), or when this stage finished its
     previous micro-batch if that is later (a stage busy with an earlier step is not idle for this
