@@ -91,7 +91,9 @@ class Engine:
     def __init__(self, model: StageModel, ctx: ParallelContext, *, micro_batches: int = 1,
                  eos_token_ids: list[int] | None = None, heartbeat_s: float | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None,
-                 min_micro_batch_tokens: int | None = None) -> None:
+                 min_micro_batch_tokens: int | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        """`clock`: the seconds the pipeline bubble books are kept in (StageIO); tests inject a fake."""
         assert ctx.rank == 0, "the Engine lives on global rank 0; other ranks run worker_loop()"
         self.model, self.ctx = model, ctx
         self.max_batch_size, self.max_model_len = model.max_batch, model.max_len
@@ -101,7 +103,7 @@ class Engine:
             os.environ.get(MIN_MICRO_BATCH_TOKENS_ENV, DEFAULT_MIN_MICRO_BATCH_TOKENS)))
         self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else model.config.eos_ids)
         self._on_fatal = on_fatal
-        self._io = StageIO(ctx, model)
+        self._io = StageIO(ctx, model, clock)
         self._sampler = Sampler(self.max_batch_size) if ctx.pp == 1 else None
         self._lock = threading.RLock()
         self._next_ticket = 0
@@ -176,14 +178,14 @@ class Engine:
         with self._lock, self._group_failures():
             # The step starts for the whole pipeline here; its bubble window on this stage closes only
             # once the last tokens are back, so stage 0's idle time during the drain is counted.
-            self._io.start_step(time.perf_counter())
+            self._io.start_step(self._io.clock())
             new_tokens = sum(len(s.tokens) for s in batch)
             count = max(1, min(self.micro_batches, new_tokens // self.min_micro_batch_tokens))
             chunks = split_micro_batches(batch, count)
             tickets = [self._submit(c, want_logits, i == 0, i == len(chunks) - 1, close=False)
                        for i, c in enumerate(chunks)]
             results = [self.result(t) for t in tickets]
-            self._io.close_step(time.perf_counter())
+            self._io.close_step(self._io.clock())
         tokens = [t for r in results for t in r[0]]
         logits = torch.cat([r[1] for r in results if r[1] is not None]) if want_logits else None
         return tokens, logits
@@ -192,7 +194,7 @@ class Engine:
         """Start one micro-batch through the pipeline without waiting; returns a ticket for result()."""
         self.validate(batch)
         with self._lock, self._group_failures():
-            self._io.start_step(time.perf_counter())
+            self._io.start_step(self._io.clock())
             return self._submit(batch, False, True, True)
 
     def _submit(self, batch: list[SeqInput], want_logits: bool, first: bool, last: bool, close: bool = True) -> int:
@@ -201,10 +203,10 @@ class Engine:
             raise EngineError("engine is shut down")
         mb = self._plan(batch, want_logits, first, last)
         ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
-        began = time.perf_counter()
+        began = self._io.clock()
         self._io.share_plan(mb)
         out = run_stage(self.model, mb, None, self.ctx)
-        ended = time.perf_counter()
+        ended = self._io.clock()
         self._io.account(began, ended)
         if last and close:
             self._io.close_step(ended)
@@ -283,9 +285,12 @@ class Engine:
         log.info("event=engine_shutdown rank=0")
 
 
-def worker_loop(model: StageModel, ctx: ParallelContext) -> None:
-    """Every rank but global rank 0: run stage micro-batches as they come until SHUTDOWN."""
-    io = StageIO(ctx, model)
+def worker_loop(model: StageModel, ctx: ParallelContext, clock: Callable[[], float] = time.perf_counter) -> None:
+    """Every rank but global rank 0: run stage micro-batches as they come until SHUTDOWN.
+
+    `clock`: the seconds this stage's bubble books are kept in (StageIO); tests inject a fake.
+    """
+    io = StageIO(ctx, model, clock)
     sampler = Sampler(model.max_batch) if model.last and ctx.tp_rank == 0 else None
     log.info("event=worker_ready rank=%d stage=%d tp_rank=%d", ctx.rank, ctx.pp_rank, ctx.tp_rank)
     while True:
@@ -299,9 +304,9 @@ def worker_loop(model: StageModel, ctx: ParallelContext) -> None:
                 return
             assert mb.kind == KIND_NOOP, f"unknown message kind {mb.kind}"
             continue
-        began = time.perf_counter()
+        began = io.clock()
         out = run_stage(model, mb, hidden, ctx)
-        ended = time.perf_counter()
+        ended = io.clock()
         io.account(began, ended)
         if mb.last_of_step:
             io.close_step(ended)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,9 +30,15 @@ from largemodel.runtime.parallel import ParallelContext
 from largemodel.runtime.sampling import Sampler
 
 KIND_STEP, KIND_NOOP, KIND_SHUTDOWN = 0, 1, 2
+KINDS = (KIND_STEP, KIND_NOOP, KIND_SHUTDOWN)
 HEADER_LEN = 5  # kind, rows, width, flags, step age in microseconds
 FLAG_LOGITS, FLAG_FIRST, FLAG_LAST = 1, 2, 4  # return logits; first / last micro-batch of a step
 META_COLS = 7  # slot, start_pos, length, top_k, seed (-1: none), temperature bits, top_p bits
+
+
+class PlanError(ValueError):
+    """A received header or payload is not a micro-batch this stage can take (a peer running other
+    code, or bytes that are not a plan); raised before anything is allocated from its sizes."""
 
 
 class StageModel(Protocol):
@@ -106,10 +112,16 @@ class MicroBatch:
 
     @classmethod
     def decode(cls, header: Tensor, payload: Tensor) -> MicroBatch:
-        """Inverse of encode()."""
+        """Inverse of encode(); PlanError if the two do not make one micro-batch."""
+        size = payload_size(header)
+        if payload.numel() != size:
+            raise PlanError(f"payload has {payload.numel()} values, its header says {size}")
         kind, rows, width, flags, age_us = header.tolist()
         values = payload.tolist()
         meta = [values[i * META_COLS:(i + 1) * META_COLS] for i in range(rows)]
+        bad = [m[2] for m in meta if not 0 < m[2] <= width]
+        if bad:
+            raise PlanError(f"row lengths {bad[:5]} outside 1..{width} (the header's width)")
         base = rows * META_COLS
         tokens = [values[base + i * width: base + i * width + m[2]] for i, m in enumerate(meta)]
         return cls(
@@ -121,9 +133,26 @@ class MicroBatch:
         )
 
 
-def payload_size(header: Tensor) -> int:
-    """Number of int64 values in the payload that follows `header`."""
-    _kind, rows, width, _flags, _age = header.tolist()
+def payload_size(header: Tensor, max_rows: int | None = None, max_width: int | None = None) -> int:
+    """Number of int64 values in the payload that follows `header`.
+
+    PlanError unless the header is one encode() can write: HEADER_LEN values, a known kind, known
+    flags, a non-negative age, no rows in a control message, and (when given) at most `max_rows`
+    rows of at most `max_width` tokens, so a stray header cannot size an allocation.
+    """
+    values = header.tolist()
+    if header.dim() != 1 or len(values) != HEADER_LEN:
+        raise PlanError(f"header has shape {tuple(header.shape)}, expected ({HEADER_LEN},)")
+    kind, rows, width, flags, age_us = values
+    if kind not in KINDS:
+        raise PlanError(f"header kind {kind} is not one of {KINDS}")
+    if not 0 <= flags <= FLAG_LOGITS | FLAG_FIRST | FLAG_LAST or age_us < 0:
+        raise PlanError(f"header flags {flags} or step age {age_us} us out of range")
+    if rows < 0 or width < 0 or (rows == 0) != (width == 0) or (kind != KIND_STEP and rows):
+        raise PlanError(f"header of kind {kind} with {rows} rows of width {width}")
+    if (max_rows is not None and rows > max_rows) or (max_width is not None and width > max_width):
+        raise PlanError(f"header has {rows} rows of width {width}; this stage takes at most {max_rows} rows "
+                        f"of {max_width}")
     return rows * META_COLS + rows * width
 
 
@@ -131,7 +160,7 @@ def payload_size(header: Tensor) -> int:
 class StageIO:
     """Moves micro-batches in and out of one stage; keeps sends alive until they complete.
 
-    It also keeps the bubble books of one step (perf_counter seconds on this rank's clock): the
+    It also keeps the bubble books of one step (seconds on this rank's `clock`, by default perf_counter): the
     window opens when the step starts for the whole pipeline (rank 0: the step's call; elsewhere:
     arrival of the step's first header minus the age it carries), or when this stage finished its
     previous micro-batch if that is later (a stage busy with an earlier step is not idle for this
@@ -141,6 +170,7 @@ class StageIO:
 
     ctx: ParallelContext
     model: StageModel
+    clock: Callable[[], float] = time.perf_counter  # every time the bubble books use (tests inject one)
     pending_sends: list[Any] = field(default_factory=list)
     pending_dst: int = -1  # the global rank the pending sends go to (what the watchdog names)
     step_origin: float = 0.0  # when the step started for the whole pipeline: what the age is counted from
@@ -166,7 +196,7 @@ class StageIO:
     def _stamp(self, mb: MicroBatch) -> None:
         """Write the step's age into the plan about to leave this rank (control messages carry 0)."""
         if mb.kind == KIND_STEP:
-            mb.step_age_us = max(0, int((time.perf_counter() - self.step_origin) * 1e6))
+            mb.step_age_us = max(0, int((self.clock() - self.step_origin) * 1e6))
 
     def receive(self) -> tuple[MicroBatch, Tensor | None]:
         """Next micro-batch for this stage and, past stage 0, its incoming hidden states."""
@@ -187,8 +217,9 @@ class StageIO:
         if dog is not None:
             dog.step_begin()
         # The header's arrival anchors the step start; waiting for payload and hidden states is idle time.
-        arrived = time.perf_counter()
-        payload = torch.empty(payload_size(header.cpu()), dtype=torch.int64, device=device)
+        arrived = self.clock()
+        size = payload_size(header.cpu(), self.model.max_batch, self.model.max_len)
+        payload = torch.empty(size, dtype=torch.int64, device=device)
         if payload.numel():
             if ctx.pp_rank == 0:
                 ctx.broadcast_tp(payload)
