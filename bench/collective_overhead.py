@@ -82,6 +82,7 @@ def rank_main(spec_path: Path) -> int:
     from largemodel.runtime.engine import Engine, SeqInput, worker_loop
     from largemodel.runtime.model import CausalLM, ModelConfig
     from largemodel.runtime.parallel import ParallelContext, apply_tensor_parallel, init_distributed
+    from largemodel.runtime.transforms import apply_cpu_kernels, fuse_projections
 
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(1)
@@ -95,8 +96,9 @@ def rank_main(spec_path: Path) -> int:
     with torch.device("meta"):
         model = CausalLM(config, range(config.num_hidden_layers))
     apply_tensor_parallel(model, ctx)
+    fuse_projections(model)  # as build_stage does, with the CPU kernels it loads
+    apply_cpu_kernels(model)
     model = model.to_empty(device="cpu").eval()
-    model.fuse_projections()  # as build_stage does, with the CPU kernels it loads
     cpu_kernels.load()
     torch.manual_seed(rank)
     with torch.no_grad():

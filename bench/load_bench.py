@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from largemodel.partition import stage_layer_range  # noqa: E402
 from largemodel.runtime.model import CausalLM, load_config  # noqa: E402
 from largemodel.runtime.parallel import ParallelContext, apply_tensor_parallel  # noqa: E402
+from largemodel.runtime.transforms import apply_cpu_kernels, fuse_projections  # noqa: E402
 from largemodel.runtime.weights import build_stage, checkpoint_index, load_threads, load_weights  # noqa: E402
 
 DEFAULT_MODEL = Path(os.environ.get("LARGEMODEL_MODELS_DIR", Path.home() / ".cache/largemodel/models")) / \
@@ -75,8 +76,9 @@ def load_only(model_dir: Path, ctx: ParallelContext) -> tuple[int, float]:
     with torch.device("meta"):
         model = CausalLM(config, layers, first=ctx.pp_rank == 0, last=ctx.pp_rank == ctx.pp - 1)
     shards = apply_tensor_parallel(model, ctx)
+    fuse_projections(model)
+    apply_cpu_kernels(model)
     model = model.to(torch.float32).to_empty(device=torch.device("cpu")).eval()
-    model.fuse_projections()
     if model.lm_head is not None and model.model.embed_tokens is not None and config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     began = time.perf_counter()

@@ -3,8 +3,12 @@
 Covers Llama 2/3, Mistral, Qwen2 and SmolLM: RMSNorm, RoPE (default, linear and llama3
 scaling), grouped-query attention, SwiGLU, tied or untied embeddings, optional q/k/v bias.
 Parameter names equal the Hugging Face checkpoint names, so a stage's state dict *is* the list
-of checkpoint tensors it must read. A model holds only the layers of one pipeline stage;
-tensor parallelism is applied afterwards by `largemodel.runtime.parallel`.
+of checkpoint tensors it must read. A model holds only the layers of one pipeline stage.
+
+Each module has one forward path in plain torch ops (gpt-fast style). What makes it fast or
+distributed is applied afterwards, as transformations of the meta-device model: tensor parallelism
+(`largemodel.runtime.parallel.apply_tensor_parallel`), then fused q/k/v and gate/up projections and
+the CPU decode kernels (`largemodel.runtime.transforms`).
 """
 
 from __future__ import annotations
@@ -22,15 +26,6 @@ from largemodel.modelfacts import (
     ModelConfig,
     ModelConfigError,
     load_config,
-)
-from largemodel.runtime.cpu_kernels import (
-    Linear,
-    add_rms_norm,
-    decode_attention,
-    decode_attention_ready,
-    linear,
-    rms_norm,
-    silu_mul,
 )
 
 # The config reader and its rules live in largemodel.modelfacts (shared with the planner).
@@ -113,24 +108,9 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def fuse_linears(linears: list[nn.Linear]) -> tuple[Tensor, Tensor | None, list[int]]:
-    """Back `linears` (same input, allocated, not yet loaded) by one weight matrix: their parameters
-    become row blocks of it, so loading fills it and one matmul computes all of them.
-
-    A decode step streams each weight once; one long matrix streams faster than three short ones
-    (fewer thread hand-offs, one prefetch ramp). Returns (weight, bias or None, output sizes).
-    """
-    first = linears[0].weight
-    sizes = [lin.out_features for lin in linears]
-    weight = torch.empty(sum(sizes), first.shape[1], dtype=first.dtype, device=first.device)
-    bias = None if linears[0].bias is None else torch.empty(sum(sizes), dtype=first.dtype, device=first.device)
-    start = 0
-    for lin, size in zip(linears, sizes, strict=True):
-        lin.weight = nn.Parameter(weight[start:start + size], requires_grad=False)
-        if bias is not None:
-            lin.bias = nn.Parameter(bias[start:start + size], requires_grad=False)
-        start += size
-    return weight, bias, sizes
+def apply_rope(x: Tensor, layout: BatchLayout) -> Tensor:
+    """RoPE of heads x [B, T, heads, head_dim] at the layout's positions."""
+    return x * layout.cos + rotate_half(x) * layout.sin
 
 
 class RMSNorm(nn.Module):
@@ -142,7 +122,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -152,17 +134,12 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.kv_heads, config.head_size
         hidden = config.hidden_size
-        self.q_proj = Linear(hidden, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, hidden, bias=config.o_bias)
+        self.q_proj = nn.Linear(hidden, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(hidden, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, hidden, bias=config.o_bias)
         self.k_cache: Tensor | None = None
         self.v_cache: Tensor | None = None
-        self.qkv: tuple[Tensor, Tensor | None, list[int]] | None = None
-
-    def fuse(self) -> None:
-        """q/k/v as one matrix (see fuse_linears); call after allocation, before loading weights."""
-        self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
 
     def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
         """Allocate this layer's cache once; nothing is allocated per step after this."""
@@ -171,25 +148,16 @@ class Attention(nn.Module):
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     def forward(self, x: Tensor, layout: BatchLayout) -> Tensor:
+        q = apply_rope(self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim)), layout)
+        k = apply_rope(self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim)), layout)
+        v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        return self.o_proj(self.attend(q, k, v, layout))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, layout: BatchLayout) -> Tensor:
+        """Write the real tokens' k/v [B, T, KV, D] into the cache and attend q [B, T, H, D] over each
+        row's cached keys; returns [B, T, H * D]."""
         assert self.k_cache is not None and self.v_cache is not None, "setup_cache() first"
-        batch, width, _ = x.shape
-        if self.qkv is not None and width == 1 and layout.valid is None and decode_attention_ready(x):
-            # One decode token per row: RoPE, cache write and attention in one CPU kernel call.
-            out = decode_attention(linear(x, self.qkv[0], self.qkv[1]).view(batch, -1), layout.cos, layout.sin,
-                                   self.k_cache, self.v_cache, layout.write_slot, layout.write_pos, self.n_heads,
-                                   self.n_kv_heads, self.head_dim**-0.5)
-            return self.o_proj(out.view(batch, 1, -1))
-        if self.qkv is not None:
-            qkv = linear(x, self.qkv[0], self.qkv[1]).unflatten(-1, (-1, self.head_dim))
-            # q and k heads are adjacent in the fused output: one RoPE over both.
-            qk, v = qkv.split([self.n_heads + self.n_kv_heads, self.n_kv_heads], dim=2)
-            q, k = (qk * layout.cos + rotate_half(qk) * layout.sin).split([self.n_heads, self.n_kv_heads], dim=2)
-        else:
-            q = self.q_proj(x).unflatten(-1, (self.n_heads, self.head_dim))
-            k = self.k_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
-            v = self.v_proj(x).unflatten(-1, (self.n_kv_heads, self.head_dim))
-            q = q * layout.cos + rotate_half(q) * layout.sin
-            k = k * layout.cos + rotate_half(k) * layout.sin
+        batch, width = q.shape[:2]
         new_k = k.flatten(0, 1) if layout.valid is None else k[layout.valid]
         new_v = v.flatten(0, 1) if layout.valid is None else v[layout.valid]
         self.k_cache[layout.write_slot, :, layout.write_pos] = new_k
@@ -204,7 +172,7 @@ class Attention(nn.Module):
             q.transpose(1, 2), keys, values, attn_mask=layout.mask,
             scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, width, self.n_heads * self.head_dim))
+        return out.transpose(1, 2).reshape(batch, width, self.n_heads * self.head_dim)
 
 
 class MLP(nn.Module):
@@ -213,18 +181,11 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         hidden, inner = config.hidden_size, config.intermediate_size
-        self.gate_proj = Linear(hidden, inner, bias=config.mlp_bias)
-        self.up_proj = Linear(hidden, inner, bias=config.mlp_bias)
-        self.down_proj = Linear(inner, hidden, bias=config.mlp_bias)
-        self.gate_up: tuple[Tensor, Tensor | None, list[int]] | None = None
-
-    def fuse(self) -> None:
-        """gate/up as one matrix (see fuse_linears); call after allocation, before loading weights."""
-        self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
+        self.gate_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(hidden, inner, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=config.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.gate_up is not None:  # gate and up are equal halves of one output
-            return self.down_proj(silu_mul(linear(x, self.gate_up[0], self.gate_up[1])))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -239,9 +200,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, layout: BatchLayout) -> Tensor:
-        norm = self.post_attention_layernorm
-        h, normed = add_rms_norm(x, self.self_attn(self.input_layernorm(x), layout), norm.weight, norm.eps)
-        return h + self.mlp(normed)
+        h = x + self.self_attn(self.input_layernorm(x), layout)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
 
 class Decoder(nn.Module):
@@ -262,7 +222,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config, self.first, self.last = config, first, last
         self.model = Decoder(config, layers, first, last)
-        self.lm_head: nn.Module | None = Linear(config.hidden_size, config.vocab_size, bias=False) if last else None
+        self.lm_head: nn.Module | None = nn.Linear(config.hidden_size, config.vocab_size, bias=False) if last else None
         self.cos_table = torch.empty(0)
         self.sin_table = torch.empty(0)
         self.max_batch = self.max_len = 0
@@ -276,13 +236,6 @@ class CausalLM(nn.Module):
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(self.config))
         angles = torch.cat((freqs, freqs), dim=-1)
         self.cos_table, self.sin_table = angles.cos().to(device), angles.sin().to(device)
-
-    def fuse_projections(self) -> None:
-        """Fuse every layer's q/k/v and gate/up weights; after allocation, before loading weights."""
-        for layer in self.model.layers.values():
-            assert isinstance(layer, DecoderLayer)
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
 
     def layout(self, slots: Tensor, start_pos: Tensor, lengths: Tensor, dtype: torch.dtype) -> BatchLayout:
         """The BatchLayout of a micro-batch for this stage's caches."""

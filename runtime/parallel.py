@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from largemodel import metrics, modelfacts
-from largemodel.runtime.cpu_kernels import Linear, linear
 from largemodel.runtime.model import CausalLM, ModelConfig
 
 log = logging.getLogger(__name__)
@@ -293,14 +292,14 @@ class VocabParallelLMHead(nn.Module):
         self.vocab, self.ctx = vocab, ctx
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.ctx.all_gather_last_dim(linear(h, self.weight))[..., : self.vocab]
+        return self.ctx.all_gather_last_dim(F.linear(h, self.weight))[..., : self.vocab]
 
 
-def _shard_linear(full: nn.Module, dim: int, start: int, stop: int) -> Linear:
+def _shard_linear(full: nn.Module, dim: int, start: int, stop: int) -> nn.Linear:
     """A meta-device Linear holding rows (dim 0) or columns (dim 1) start:stop of `full`."""
     assert isinstance(full, nn.Linear)
     out_f, in_f = (stop - start, full.in_features) if dim == 0 else (full.out_features, stop - start)
-    return Linear(in_f, out_f, bias=full.bias is not None, device="meta")
+    return nn.Linear(in_f, out_f, bias=full.bias is not None, device="meta")
 
 
 def apply_tensor_parallel(model: CausalLM, ctx: ParallelContext) -> dict[str, Shard]:

@@ -1,13 +1,15 @@
 """Build one rank's shard of the model and fill it from safetensors, reading only that shard.
 
-The stage model is built on the meta device, cut by `apply_tensor_parallel`, then allocated
-at shard size. Whole tensors and row shards are contiguous byte ranges of a safetensors file: they
-are read with `os.preadv` straight into the parameter's memory, in 8 MiB ranges spread over a few
-reader threads (one copy, from the page cache or the disk, no mapping; bench/load_bench.py measures it
-against a plain read of the same files). Column
-shards, dtype conversions and vocab padding go through `safe_open(...).get_slice`, per tensor, so
-the pages mapped for one tensor are released before the next. Either way only this rank's part is
-read, and peak memory stays near the shard, never the whole model.
+The stage model is built on the meta device, cut by `apply_tensor_parallel`, transformed
+(`transforms`: fused projections, CPU kernel modules), then allocated at shard size. Whole
+tensors and row shards are contiguous byte ranges of a safetensors file: they are read with
+`os.preadv` straight into the parameter's memory, in 8 MiB ranges spread over a few reader
+threads (one copy, from the page cache or the disk, no mapping; bench/load_bench.py measures it
+against a plain read of the same files); a fused parameter is read block by block into its row
+blocks. Column shards, dtype conversions and vocab padding go through
+`safe_open(...).get_slice`, per tensor, so the pages mapped for one tensor are released before
+the next. Either way only this rank's part is read, and peak memory stays near the shard, never
+the whole model.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from largemodel.partition import stage_layer_range
 from largemodel.runtime import cpu_kernels
 from largemodel.runtime.model import CausalLM, ModelConfig, ModelConfigError, load_config
 from largemodel.runtime.parallel import ParallelContext, Shard, apply_tensor_parallel
+from largemodel.runtime.transforms import apply_cpu_kernels, checkpoint_tensors, fuse_projections
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +166,10 @@ def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
     with torch.device("meta"):
         model = CausalLM(config, layers, first=ctx.pp_rank == 0, last=ctx.pp_rank == ctx.pp - 1)
     shards = apply_tensor_parallel(model, ctx)
+    fuse_projections(model)  # q/k/v and gate/up as one Linear each; loading fills their row blocks
+    if device.type == "cpu":
+        apply_cpu_kernels(model)  # kernel-backed modules; each call still falls back to torch's op
     model = model.to(dtype).to_empty(device=device).eval()
-    model.fuse_projections()
     if model.lm_head is not None and model.model.embed_tokens is not None and config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # one copy; named_parameters yields it once
     nbytes = load_weights(model, config, Path(model_dir), shards)
@@ -190,11 +195,13 @@ def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: 
     """Copy every parameter's slice in from the checkpoint; returns the bytes loaded.
 
     Whole tensors and row shards become `READ_CHUNK` byte ranges read by `threads` readers straight
-    into the parameters while this thread fills the rest through `read_shard`."""
+    into the parameters while this thread fills the rest through `read_shard`. A fused parameter is
+    filled block by block: checkpoint_tensors names each of its row blocks (views of its memory) by
+    the checkpoint tensor read into it."""
     files = checkpoint_index(model_dir)
     entries: dict[Path, dict[str, TensorEntry]] = {}
     fds: dict[Path, int] = {}
-    params = list(model.named_parameters())
+    params = checkpoint_tensors(model)
     total = sum(param.numel() * param.element_size() for _, param in params)
     done, last_log, began = 0, time.perf_counter(), time.perf_counter()
     pending: set[Future[int]] = set()

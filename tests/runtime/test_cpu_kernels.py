@@ -22,8 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from largemodel.runtime import cpu_kernels
-from largemodel.runtime import model as model_module
+from largemodel.runtime import cpu_kernels, transforms
 from largemodel.runtime.model import Attention, ModelConfig, make_layout, rope_inv_freq
 from largemodel.runtime.parallel import ParallelContext
 from largemodel.runtime.weights import build_stage
@@ -113,15 +112,17 @@ def test_silu_mul_matches_torch(kernel: Any, dtype: torch.dtype, shape: tuple[in
 
 
 def _attention(heads: int, kv_heads: int, head_dim: int, bias: bool, dtype: torch.dtype) -> Attention:
-    """A fused Attention layer as build_stage makes one: allocated in its dtype, fused, then filled."""
+    """An Attention layer as build_stage makes one: in its dtype, fused and kernel-backed (KernelAttention)."""
     attn = Attention(attn_config(heads, kv_heads, head_dim).model_copy(update={"attention_bias": bias})).to(dtype)
-    attn.fuse()
     gen = torch.Generator().manual_seed(heads * 100 + kv_heads * 10 + head_dim)
     with torch.no_grad():
         for lin in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=gen) * lin.in_features**-0.5)
             if lin.bias is not None:
                 lin.bias.copy_(torch.randn(lin.bias.shape, generator=gen))
+    transforms.fuse_attention(attn)
+    transforms.apply_cpu_kernels(attn)
+    assert isinstance(attn, transforms.KernelAttention)
     return attn
 
 
@@ -154,7 +155,7 @@ def test_decode_attention_matches_the_tensor_op_path(kernel: Any, monkeypatch: p
                 token = torch.randn(len(rows), 1, heads * head_dim, generator=torch.Generator().manual_seed(step))
                 with monkeypatch.context() as patch:
                     if not use_kernel:
-                        patch.setattr(model_module, "decode_attention_ready", lambda x: False)
+                        patch.setattr(cpu_kernels, "decode_attention_ready", lambda x: False)
                     outs.append(attn(token.to(dtype), layout))
                 position[pick] += 1
             runs[use_kernel] = (attn.k_cache.clone(), attn.v_cache.clone(), outs)
@@ -213,18 +214,22 @@ def test_onednn_gemm_matches_linear() -> None:
 
 
 def test_fused_projections_share_storage_with_named_parameters(kernel: Any, checkpoints: dict[str, Any]) -> None:
-    """q/k/v and gate/up parameters are row blocks of one matrix each, filled by the normal loader."""
+    """q/k/v and gate/up are one Linear each, kernel-backed; the loader fills their row blocks by checkpoint name."""
     model, _ = build_stage(Path(checkpoints["models"]["gqa"]["dir"]), ParallelContext(), torch.float32,
                            torch.device("cpu"), 1, 16)
     layer = next(iter(model.model.layers.values()))
     attn, mlp = layer.self_attn, layer.mlp
-    assert attn.qkv is not None and mlp.gate_up is not None
-    fused, _, sizes = attn.qkv
-    assert sizes == [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
-    assert torch.equal(fused, torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]))
-    assert attn.q_proj.weight.data_ptr() == fused.data_ptr()
-    assert mlp.up_proj.weight.data_ptr() == mlp.gate_up[0][mlp.gate_proj.out_features:].data_ptr()
-    assert "model.layers.0.self_attn.k_proj.weight" in dict(model.named_parameters())
+    assert isinstance(attn, transforms.KernelAttention) and isinstance(mlp, transforms.KernelMLP)
+    assert isinstance(attn.qkv_proj, cpu_kernels.Linear) and isinstance(mlp.gate_up_proj, cpu_kernels.Linear)
+    assert not hasattr(attn, "k_proj") and not hasattr(mlp, "up_proj")
+    blocks = dict(transforms.checkpoint_tensors(model))
+    fused = attn.qkv_proj.weight
+    q, k, v = (blocks[f"model.layers.0.self_attn.{n}.weight"] for n in ("q_proj", "k_proj", "v_proj"))
+    assert torch.equal(fused, torch.cat([q, k, v])) and q.shape[0] == attn.n_heads * attn.head_dim
+    assert q.data_ptr() == fused.data_ptr() and k.data_ptr() == fused[q.shape[0]:].data_ptr()
+    up = blocks["model.layers.0.mlp.up_proj.weight"]
+    assert up.data_ptr() == mlp.gate_up_proj.weight[up.shape[0]:].data_ptr()
+    assert "model.layers.0.self_attn.qkv_proj.weight" in dict(model.named_parameters())
 
 
 def _run_module(env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -98,7 +98,7 @@ def test_vocab_padding_and_kv_replication_shapes(checkpoints: dict[str, Any]) ->
     mqa = build_stage(Path(checkpoints["models"]["mqa"]["dir"]), ParallelContext(tp=4, tp_rank=2), torch.float32,
                       torch.device("cpu"), 1, 8)[0]
     attn = mqa.model.layers["0"].self_attn
-    assert (attn.n_heads, attn.n_kv_heads) == (3, 1) and attn.k_proj.weight.shape[0] == attn.head_dim
+    assert (attn.n_heads, attn.n_kv_heads) == (3, 1) and attn.qkv_proj.weight.shape[0] == (3 + 2) * attn.head_dim
 
 
 def test_direct_reads_equal_mapped_slices(checkpoints: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
