@@ -184,12 +184,12 @@ def pipelined_decode(engine: Engine, prompts: list[list[int]], new_tokens: int, 
     last: dict[int, int] = {}
     tickets = {g: engine.submit([SeqInput(i, prompts[i], 0) for i in members[g]]) for g in range(groups)}
     for g in range(groups):
-        last.update(zip(members[g], engine.result(tickets[g])[0], strict=True))
+        last.update(zip(members[g], engine.result(tickets[g]), strict=True))
         tickets[g] = engine.submit([SeqInput(i, [last[i]], PROMPT_LEN) for i in members[g]])
     began = time.perf_counter()
     for k in range(1, new_tokens - 1):
         for g in range(groups):
-            last.update(zip(members[g], engine.result(tickets[g])[0], strict=True))
+            last.update(zip(members[g], engine.result(tickets[g]), strict=True))
             tickets[g] = engine.submit([SeqInput(i, [last[i]], PROMPT_LEN + k) for i in members[g]])
     for g in range(groups):
         engine.result(tickets[g])

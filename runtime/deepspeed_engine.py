@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,9 @@ from largemodel.envcontract import RankEnv
 from largemodel.runtime.model import ModelConfig, load_config
 from largemodel.runtime.parallel import ParallelContext, TensorParallelError
 from largemodel.runtime.weights import parse_dtype
+
+if TYPE_CHECKING:
+    from largemodel.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +103,11 @@ def load_autotp(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, max_b
 
 
 def start_deepspeed(model_dir: Path, ctx: ParallelContext, env: RankEnv, max_batch: int, max_len: int,
-                    on_loaded: Callable[[], None], on_fatal: Callable[[BaseException], None] | None) -> Any:
-    """Global rank 0 gets the Engine over the AutoTP model; other ranks work until SHUTDOWN (returns None)."""
+                    on_loaded: Callable[[], None], on_fatal: Callable[[BaseException], None] | None) -> Engine | None:
+    """Global rank 0 gets the Engine over the AutoTP model; other ranks work until SHUTDOWN (returns None).
+
+    The same Engine class as ENGINE=native, so the scheduler drives it through the same submit/result.
+    """
     from largemodel.runtime.engine import Engine, worker_loop
 
     stage = load_autotp(model_dir, ctx, parse_dtype(env.model_dtype), max_batch, max_len)

@@ -7,17 +7,24 @@ of the recent tokens and emits only what the newest token added once it forms wh
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Protocol
 
 # Prompt tokens kept as left context, so the first generated token decodes as it would mid-text.
 _CONTEXT_TOKENS = 5
 _REPLACEMENT_CHAR = "\ufffd"
 
 
+class Tokenizer(Protocol):
+    """The part of a transformers tokenizer detokenizing uses."""
+
+    def decode(self, token_ids: list[int], *, skip_special_tokens: bool,
+               clean_up_tokenization_spaces: bool) -> str: ...
+
+
 class IncrementalDetokenizer:
     """Turns a stream of token ids into a stream of text pieces whose concatenation is the full text."""
 
-    def __init__(self, tokenizer: Any, prompt_tokens: list[int]) -> None:
+    def __init__(self, tokenizer: Tokenizer, prompt_tokens: list[int]) -> None:
         self._tokenizer = tokenizer
         self._ids: list[int] = list(prompt_tokens[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0

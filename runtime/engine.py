@@ -1,10 +1,11 @@
 """The Engine the scheduler drives on global rank 0, and the loop every other rank runs.
 
-`Engine.step` takes one batch of sequences (prefills and decodes mixed), splits it into up to
-`micro_batches` micro-batches (when each keeps at least `min_micro_batch_tokens` tokens), pushes them through the pipeline one after another (stage 0 starts micro-batch
-m+1 while stage 1 runs m) and returns one sampled token per sequence. `submit`/`result` expose
-the same pipeline one micro-batch at a time, so a caller can keep several independent groups
-of sequences in flight across decode steps.
+`Engine.submit` starts one micro-batch of sequences (prefills and decodes mixed) through the
+pipeline and returns a ticket; `Engine.result` waits for that micro-batch's sampled tokens, one
+per sequence. A caller (the scheduler) keeps several independent micro-batches in flight that way,
+so the stages work on different ones at once. `Engine.step` is the same path for callers that
+want one whole batch now: it splits the batch into `micro_batch_count` micro-batches, submits them
+one after another (stage 0 starts micro-batch m+1 while stage 1 runs m) and collects their results.
 """
 
 from __future__ import annotations
@@ -73,6 +74,19 @@ class EngineError(ValueError):
     """A step's input is invalid (slot, positions, token ids, sampling values); the message says which."""
 
 
+Ticket = int  # one submitted micro-batch, redeemed once with Engine.result
+
+
+def micro_batch_count(new_tokens: int, micro_batches: int, min_tokens: int) -> int:
+    """Into how many micro-batches (scheduler: lanes) a step carrying `new_tokens` tokens splits.
+
+    At most `micro_batches`, and only as many as keep `min_tokens` tokens each: a micro-batch
+    re-reads every weight of its stage, so a small split step reads the weights again for nothing.
+    The one rule for both Engine.step and the scheduler's lanes (a decode step: one token a sequence).
+    """
+    return max(1, min(micro_batches, new_tokens // max(1, min_tokens)))
+
+
 def split_micro_batches(batch: list[SeqInput], micro_batches: int) -> list[list[SeqInput]]:
     """Contiguous, near-equal chunks of `batch`, at most `micro_batches` of them."""
     count = max(1, min(micro_batches, len(batch)))
@@ -106,9 +120,9 @@ class Engine:
         self._io = StageIO(ctx, model, clock)
         self._sampler = Sampler(self.max_batch_size) if ctx.pp == 1 else None
         self._lock = threading.RLock()
-        self._next_ticket = 0
-        self._in_flight: dict[int, tuple[list[Any], Tensor, Tensor | None]] = {}
-        self._done: dict[int, tuple[list[int], Tensor | None]] = {}
+        self._next_ticket: Ticket = 0
+        self._in_flight: dict[Ticket, tuple[list[Any], Tensor, Tensor | None]] = {}
+        self._done: dict[Ticket, tuple[list[int], Tensor | None]] = {}
         self._last_activity = time.monotonic()
         self._closed = False
         self._stop = threading.Event()
@@ -180,24 +194,25 @@ class Engine:
             # once the last tokens are back, so stage 0's idle time during the drain is counted.
             self._io.start_step(self._io.clock())
             new_tokens = sum(len(s.tokens) for s in batch)
-            count = max(1, min(self.micro_batches, new_tokens // self.min_micro_batch_tokens))
-            chunks = split_micro_batches(batch, count)
+            chunks = split_micro_batches(batch, micro_batch_count(new_tokens, self.micro_batches,
+                                                                  self.min_micro_batch_tokens))
             tickets = [self._submit(c, want_logits, i == 0, i == len(chunks) - 1, close=False)
                        for i, c in enumerate(chunks)]
-            results = [self.result(t) for t in tickets]
+            results = [self._result(t) for t in tickets]
             self._io.close_step(self._io.clock())
         tokens = [t for r in results for t in r[0]]
         logits = torch.cat([r[1] for r in results if r[1] is not None]) if want_logits else None
         return tokens, logits
 
-    def submit(self, batch: list[SeqInput]) -> int:
+    def submit(self, batch: list[SeqInput]) -> Ticket:
         """Start one micro-batch through the pipeline without waiting; returns a ticket for result()."""
         self.validate(batch)
         with self._lock, self._group_failures():
             self._io.start_step(self._io.clock())
             return self._submit(batch, False, True, True)
 
-    def _submit(self, batch: list[SeqInput], want_logits: bool, first: bool, last: bool, close: bool = True) -> int:
+    def _submit(self, batch: list[SeqInput], want_logits: bool, first: bool, last: bool,
+                close: bool = True) -> Ticket:
         """Run stage 0 on one micro-batch and send it on; `close`: end its bubble window at the compute's end."""
         if self._closed:
             raise EngineError("engine is shut down")
@@ -229,8 +244,12 @@ class Engine:
         self._last_activity = time.monotonic()
         return ticket
 
-    def result(self, ticket: int) -> tuple[list[int], Tensor | None]:
-        """Tokens (and logits if asked) of a submitted micro-batch; waits for it to leave the pipeline."""
+    def result(self, ticket: Ticket) -> list[int]:
+        """The sampled tokens of a submitted micro-batch, in its input order; waits for it to leave the pipeline."""
+        return self._result(ticket)[0]
+
+    def _result(self, ticket: Ticket) -> tuple[list[int], Tensor | None]:
+        """Tokens (and logits if asked) of a submitted micro-batch."""
         with self._lock, self._group_failures():
             if ticket in self._in_flight:
                 works, tokens, logits = self._in_flight.pop(ticket)
@@ -277,7 +296,7 @@ class Engine:
             if self._closed:
                 return
             for ticket in sorted(self._in_flight):
-                self.result(ticket)
+                self._result(ticket)
             self._send_control(KIND_SHUTDOWN)
             self._closed = True
         if self._heartbeat is not None:

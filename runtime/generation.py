@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from largemodel.runtime.engine import SamplingParams
 
 FinishReason = str  # "stop" | "length" | "abort" | "error"
 
@@ -47,7 +50,7 @@ class GenerationRequest:
 
     prompt_tokens: list[int]
     max_tokens: int
-    sampling: Any  # largemodel.runtime.engine.SamplingParams
+    sampling: SamplingParams
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False

@@ -16,10 +16,14 @@ import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from largemodel import envcontract
 from largemodel.envcontract import RankEnv
 from largemodel.runtime.watchdog import hung_reasons
+
+if TYPE_CHECKING:
+    from largemodel.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +183,7 @@ def check_planned_split(model_dir: Path, env: RankEnv) -> None:
 
 
 def start_native(model_dir: Path, ctx: object, env: RankEnv, max_batch: int, max_len: int,
-                 on_loaded: Callable[[], None]) -> object | None:
+                 on_loaded: Callable[[], None]) -> Engine | None:
     """Load this rank's shard; global rank 0 returns the Engine, every other rank works until SHUTDOWN."""
     from largemodel.runtime.engine import Engine, worker_loop
     from largemodel.runtime.parallel import ParallelContext

@@ -19,7 +19,7 @@ from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -34,6 +34,9 @@ from largemodel.runtime.httpguard import (
     TimedH11Protocol,
 )
 from largemodel.runtime.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from largemodel.runtime.engine import Engine
 
 log = logging.getLogger(__name__)
 
@@ -173,20 +176,19 @@ def load_tokenizer(model_dir: Path) -> Any:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def run_server(engine: Any, model_dir: Path, environ: Mapping[str, str],
+def run_server(engine: Engine, model_dir: Path, environ: Mapping[str, str],
                publish_ready: Callable[[Callable[[], bool]], None] | None = None) -> int:
     """Serve HTTP and gRPC for `engine` until SIGTERM, drain, shut the engine down; return the exit code.
 
     `publish_ready` receives the readiness check, so the pod's metrics port can answer /readyz with
     exactly what the HTTP /readyz answers.
     """
-    from largemodel.runtime.engine import EngineError, SamplingParams, SeqInput
+    from largemodel.runtime.engine import SamplingParams
 
     settings = ServerSettings.from_environ(environ, Path(model_dir))
     # Two tokenizers: the engine thread decodes while the event loop encodes, and a Rust
     # tokenizer object must not be used from two threads at once.
-    scheduler = Scheduler(engine, load_tokenizer(model_dir), settings.max_queue, SeqInput,
-                          input_errors=(EngineError,))
+    scheduler = Scheduler(engine, load_tokenizer(model_dir), settings.max_queue)
     state = ServingState(
         scheduler=scheduler,
         tokenizer=load_tokenizer(model_dir),

@@ -62,6 +62,10 @@ REQUESTS_WAITING = Gauge(
 KV_CACHE_USAGE = Gauge(
     PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache positions in use.", multiprocess_mode="livemax"
 )
+BATCH_SEQUENCES = Histogram(
+    PREFIX + "batch_sequences", "Sequences in each batch the scheduler submits to the engine.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
 
 COLLECTIVE_SECONDS = Histogram(
     PREFIX + "collective_seconds", "Latency of sampled collectives.", ["op", "group", "backend"],

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 import torch
 
-from largemodel.runtime.engine import Engine, EngineError, SamplingParams, SeqInput, split_micro_batches
+from largemodel.runtime.engine import (
+    Engine,
+    EngineError,
+    SamplingParams,
+    SeqInput,
+    micro_batch_count,
+    split_micro_batches,
+)
 from largemodel.runtime.parallel import ParallelContext
 from largemodel.runtime.weights import build_stage
 
@@ -69,7 +76,7 @@ def test_submit_and_result_keep_groups_in_flight(engine: Engine, checkpoints: di
     """Two independent groups through submit/result give what step gives."""
     prompts, want = checkpoints["prompts"], checkpoints["models"]["gqa"]["tokens"]
     tickets = [engine.submit([SeqInput(0, prompts[0], 0)]), engine.submit([SeqInput(1, prompts[1], 0)])]
-    assert [engine.result(t)[0] for t in reversed(tickets)] == [[want[1][0]], [want[0][0]]]
+    assert [engine.result(t) for t in reversed(tickets)] == [[want[1][0]], [want[0][0]]]
 
 
 def test_shutdown_is_idempotent_and_final(engine: Engine) -> None:
@@ -99,3 +106,9 @@ def test_micro_batch_split_is_contiguous_and_even() -> None:
     chunks = split_micro_batches(batch, 3)
     assert [[s.slot for s in c] for c in chunks] == [[0, 1, 2], [3, 4], [5, 6]]
     assert len(split_micro_batches(batch[:1], 4)) == 1
+
+
+def test_micro_batch_count_keeps_min_tokens_in_each() -> None:
+    """The one split rule (Engine.step and the scheduler's lanes): at most M, each with >= min tokens, >= 1."""
+    assert [micro_batch_count(n, 4, 8) for n in (0, 1, 7, 8, 15, 16, 24, 32, 1000)] == [1, 1, 1, 1, 1, 2, 3, 4, 4]
+    assert micro_batch_count(5, 1, 1) == 1 and micro_batch_count(5, 8, 1) == 5
