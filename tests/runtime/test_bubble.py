@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-from rank_world import logs, run_world
-from tiny_models import TinyModel, build_checkpoint
+
+from tests.support.rank_world import logs, run_world
+from tests.support.tiny_models import TinyModel, build_checkpoint
 
 STEPS = 12
 # Wider than the correctness variants, so a stage's compute outweighs Python and gloo overheads.

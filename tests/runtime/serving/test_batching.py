@@ -7,8 +7,7 @@ import asyncio
 import grpc
 
 from largemodel.runtime.grpc_server import load_stubs
-
-from .world import RunningServer
+from tests.support.world import RunningServer
 
 pb2, pb2_grpc = load_stubs()
 WORDS = ["parser", "json", "logging", "wrap", "indent", "handler", "format", "argument"]
