@@ -3,7 +3,7 @@
 The operator's planner and `largemodel inspect` read the same config.json, apply the same head and
 bias rules, count the same parameters and ask the same `tensor_problem`/`pipeline_problem` questions
 as the runtime that later builds the model, so the planner admits exactly the layouts a pod can run
-(tests/foundation/test_layout_agreement.py sweeps layouts through both).
+(tests/src/test_layout_agreement.py sweeps layouts through both).
 
 Supported: Llama 2/3, Mistral, Qwen2 and SmolLM (model_type llama), i.e. RMSNorm, RoPE (default,
 linear, llama3), grouped-query attention, SwiGLU, tied or untied embeddings, optional q/k/v bias.

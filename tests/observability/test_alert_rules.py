@@ -13,8 +13,7 @@ import pytest
 import yaml
 
 from largemodel import metrics
-
-from .metricnames import exported_sample_names, metric_names_in
+from tests.support.metricnames import exported_sample_names, metric_names_in
 
 FILES = Path(__file__).resolve().parents[2] / "charts" / "largemodel" / "files"
 RULES = FILES / "alerts.rules.yaml"

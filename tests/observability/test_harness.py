@@ -14,10 +14,9 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from largemodel.runtime.local import free_port
-
-from .grafana import load_dashboards, panel_queries, query_variables, substitute
-from .metricnames import exported_sample_names, metric_names_in
-from .promserver import PrometheusError, ScrapeTarget, running_prometheus
+from tests.support.grafana import load_dashboards, panel_queries, query_variables, substitute
+from tests.support.metricnames import exported_sample_names, metric_names_in
+from tests.support.promserver import PrometheusError, ScrapeTarget, running_prometheus
 
 needs_prometheus = pytest.mark.skipif(shutil.which("prometheus") is None, reason="prometheus server missing")
 

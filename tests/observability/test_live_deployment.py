@@ -24,14 +24,13 @@ import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
-from serving.tinymodel import build_tiny_llama
 
 from largemodel.runtime.pipeline import HEADER_LEN, META_COLS
-
-from .grafana import load_dashboards, panel_queries, query_variables, substitute
-from .operator_target import OperatorTarget, running_operator_target
-from .promserver import Prometheus, ScrapeTarget, running_prometheus
-from .rankgroup import RankGroup, running_rank_group
+from tests.support.grafana import load_dashboards, panel_queries, query_variables, substitute
+from tests.support.operator_target import OperatorTarget, running_operator_target
+from tests.support.promserver import Prometheus, ScrapeTarget, running_prometheus
+from tests.support.rankgroup import RankGroup, running_rank_group
+from tests.support.tinymodel import build_tiny_llama
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,

@@ -6,7 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from mockcluster import MockCluster, running_cluster
+
+from tests.support.mockcluster import MockCluster, running_cluster
 
 NAMESPACES = ["models", "other"]
 

@@ -14,13 +14,19 @@ from typing import Any
 
 import pytest
 import yaml
-from kubelet import Kubelet
-from memworld import ROOT
-from mockcluster import MockCluster, apps_path, core_path, lm_path
-from operatorrun import assert_within_rbac, operator_requests, operator_writes, running_operator, wait_for
 
 from largemodel.operator.builders import LABEL_NAME, LABEL_REVISION
 from largemodel.operator.conditions import find
+from tests.support.kubelet import Kubelet
+from tests.support.memworld import ROOT
+from tests.support.mockcluster import MockCluster, apps_path, core_path, lm_path
+from tests.support.operatorrun import (
+    assert_within_rbac,
+    operator_requests,
+    operator_writes,
+    running_operator,
+    wait_for,
+)
 
 NS = "models"
 EXAMPLE = ROOT / "examples" / "smollm2-local.yaml"

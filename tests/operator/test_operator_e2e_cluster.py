@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kubelet import Kubelet
-from mockcluster import MockCluster, lm_path
-from operatorrun import assert_within_rbac, operator_writes, running_operator, wait_for
 from test_operator_e2e import NS, condition, events, groups, manifest, model, phase, settle_and_count_writes
 
 from largemodel.operator.builders import LABEL_NAME
 from largemodel.operator.conditions import find
+from tests.support.kubelet import Kubelet
+from tests.support.mockcluster import MockCluster, lm_path
+from tests.support.operatorrun import assert_within_rbac, operator_writes, running_operator, wait_for
 
 SP = "/apis/scheduling.x-k8s.io/v1alpha1/namespaces/models/podgroups"
 VOLCANO = "/apis/scheduling.volcano.sh/v1beta1/namespaces/models/podgroups"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from k8smock import matches_selector
-from mockcluster import MockCluster, apps_path, core_path, lm_path
+
+from tests.support.k8smock import matches_selector
+from tests.support.mockcluster import MockCluster, apps_path, core_path, lm_path
 
 NS = "models"
 

@@ -1,6 +1,6 @@
 """Issue 17 in the in-memory world: gang scheduling, topology, fit before scheduling, startup and lifecycle.
 
-Pure reconcile passes (tests/operator/memworld.py plays the API server, the StatefulSet controller
+Pure reconcile passes (tests/support/memworld.py plays the API server, the StatefulSet controller
 and the kubelet); the kmock end-to-end runs are in test_operator_e2e_cluster.py.
 """
 
@@ -14,12 +14,12 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-from memworld import World, example_lm
 
 from largemodel.operator import api, fit, gang, lifecycle
 from largemodel.operator.builders import LABEL_GROUP_KEY, build_group_statefulset, template_revision
 from largemodel.operator.conditions import find
 from largemodel.operator.planner import plan_parallelism
+from tests.support.memworld import World, example_lm
 
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 

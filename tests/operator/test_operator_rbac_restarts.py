@@ -5,7 +5,6 @@ from __future__ import annotations
 import kubernetes_validate
 import pytest
 from kmock._internal.rendering import Request
-from operatorrun import rbac_triple
 
 from largemodel.operator import api, rbac
 from largemodel.operator.restarts import (
@@ -18,6 +17,7 @@ from largemodel.operator.restarts import (
     load_history,
     may_start,
 )
+from tests.support.operatorrun import rbac_triple
 
 
 @pytest.mark.parametrize("version", ["1.28", "1.37"])

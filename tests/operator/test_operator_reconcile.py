@@ -6,12 +6,12 @@ import datetime
 import json
 
 import pytest
-from memworld import World, example_lm
 
 from largemodel.operator.conditions import find
 from largemodel.operator.groups import MEMBERS_ANNOTATION
 from largemodel.operator.reconcile import Create, Delete, Observed, Patch, reconcile
 from largemodel.operator.restarts import RESTARTS_ANNOTATION
+from tests.support.memworld import World, example_lm
 
 
 def _kinds(result) -> list[tuple[str, str, str]]:

@@ -11,11 +11,11 @@ import time
 from pathlib import Path
 
 import httpx
-from memworld import ROOT
-from mockcluster import MockCluster, apps_path, lm_path
-from operatorrun import assert_within_rbac, wait_for
 
 from largemodel.runtime.local import free_port
+from tests.support.memworld import ROOT
+from tests.support.mockcluster import MockCluster, apps_path, lm_path
+from tests.support.operatorrun import assert_within_rbac, wait_for
 
 LARGEMODEL = Path(sys.executable).parent / "largemodel"
 EXAMPLE = ROOT / "examples" / "smollm2-local.yaml"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from chartrender import CHART_DIR, ROOT, chart_crds
+from tests.support.chartrender import CHART_DIR, ROOT, chart_crds
 
 REPO_CRD = ROOT / "crds" / "serving.largemodel.io_largemodels.yaml"
 CHART_CRD = CHART_DIR / "crds" / REPO_CRD.name

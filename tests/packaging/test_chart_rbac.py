@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from chartrender import CONFIGS, NAMESPACE, WATCHED, by_kind, render_objects
-
 from largemodel.operator.rbac import CLUSTER_RULES, RULES
+from tests.support.chartrender import CONFIGS, NAMESPACE, WATCHED, by_kind, render_objects
 
 SECRETS_RULE = {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}
 

@@ -18,7 +18,8 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from chartrender import (
+
+from tests.support.chartrender import (
     CHART_DIR,
     CONFIGS,
     NAMESPACE,

@@ -6,7 +6,8 @@ from typing import Any
 
 import helm_python
 import pytest
-from chartrender import CHART_DIR, NAMESPACE, by_kind, render, render_objects
+
+from tests.support.chartrender import CHART_DIR, NAMESPACE, by_kind, render, render_objects
 
 BAD_VALUES: list[tuple[dict[str, Any], str]] = [
     ({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy"),

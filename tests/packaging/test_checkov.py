@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 import yaml
-from chartrender import CONFIGS, ROOT, render_objects
+
+from tests.support.chartrender import CONFIGS, ROOT, render_objects
 
 CHECKOV = ROOT / ".venv" / "tools" / "checkov" / "bin" / "checkov"
 # Every install the render tests cover, plus the one toggle they leave off.

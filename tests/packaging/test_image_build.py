@@ -6,7 +6,7 @@ imagebuild.py), and `buildah run --isolation chroot` runs containers of the resu
 with the root filesystem read-only as the chart and the operator's rank pods run them.
 
 - operator target: its default entrypoint and command, as user 10001, against the operator suite's mock
-  API server (tests/operator/mockcluster.py) through a kubeconfig mounted read-only, reconciles a
+  API server (tests/support/mockcluster.py) through a kubeconfig mounted read-only, reconciles a
   LargeModel into its StatefulSet and Services; the image's own HEALTHCHECK passes meanwhile.
 - runtime target, TORCH=cpu (torch 2.13.0+cpu from a loopback PEP 503 index): ships the prebuilt CPU
   kernels and no compiler, and `largemodel run` of a tiny model inside it answers a completion.
@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -29,7 +28,9 @@ from typing import Any
 
 import pytest
 import yaml
-from imagebuild import (
+
+from largemodel.runtime.local import NotReadyError, free_port, wait_ready
+from tests.support.imagebuild import (
     STANDIN,
     WORK,
     Buildah,
@@ -41,17 +42,12 @@ from imagebuild import (
     torch_cpu_index,
 )
 
-from largemodel.runtime.local import NotReadyError, free_port, wait_ready
-
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests" / "operator"))
-sys.path.insert(0, str(ROOT / "tests"))
-from mockcluster import apps_path, core_path, lm_path, running_cluster  # noqa: E402
-from operatorrun import wait_for  # noqa: E402
-from serving.tinymodel import build_tiny_llama  # noqa: E402
-from serving.world import write_largemodel  # noqa: E402
-
 from largemodel.operator.builders import LABEL_NAME  # noqa: E402
+from tests.support.mockcluster import apps_path, core_path, lm_path, running_cluster  # noqa: E402
+from tests.support.operatorrun import wait_for  # noqa: E402
+from tests.support.tinymodel import build_tiny_llama  # noqa: E402
+from tests.support.world import write_largemodel  # noqa: E402
 
 NS = "models"
 OPERATOR_PORT = 8080  # the image's default command serves /healthz there, as its HEALTHCHECK expects

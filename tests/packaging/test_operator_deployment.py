@@ -1,7 +1,7 @@
 """The operator runs as the chart deploys it: its command line, probes, metrics and Role.
 
 The rendered Deployment's command and args start the real `largemodel operator` process against
-the operator team's mock API server (tests/operator/mockcluster.py, the kubeconfig standing in for
+the operator team's mock API server (tests/support/mockcluster.py, the kubeconfig standing in for
 the projected token); the test then plays the kubelet's probes, applies an example with kubectl,
 and checks every request the operator made against the rules of the rendered Role or ClusterRole.
 """
@@ -19,13 +19,11 @@ from typing import Any
 
 import httpx
 import pytest
-from chartrender import ROOT, by_kind, render_objects
-
-sys.path.insert(0, str(ROOT / "tests" / "operator"))
-from mockcluster import MockCluster, lm_path, running_cluster  # noqa: E402
-from operatorrun import operator_requests, rbac_triple, wait_for  # noqa: E402
 
 from largemodel.runtime.local import free_port
+from tests.support.chartrender import ROOT, by_kind, render_objects
+from tests.support.mockcluster import MockCluster, lm_path, running_cluster  # noqa: E402
+from tests.support.operatorrun import operator_requests, rbac_triple, wait_for  # noqa: E402
 
 NAMESPACE = "models"
 BIN = Path(sys.executable).parent

@@ -1,6 +1,6 @@
 """One rank of a pp world for the bubble test: run prefill steps with 1, then 4 micro-batches.
 
-Run by tests/runtime/rank_world.py with a JSON spec path as argv[1]. Every rank records each value
+Run by tests/support/rank_world.py with a JSON spec path as argv[1]. Every rank records each value
 its `largemodel_pipeline_bubble_ratio` gauge takes (the engine sets it once per step) and what the
 registry exposes at the end of each run, and writes {"1": [...], "exposed1": [x], "4": ...} to
 "<out>.rank<R>.json".

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny_models  # noqa: E402
+from tests.support import tiny_models
 
 
 @pytest.fixture(scope="session")

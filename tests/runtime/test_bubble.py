@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_stages import FakeClock, TimedStage, Wire, WiredContext, small_config
-from rank_world import logs, run_world
-from tiny_models import TinyModel, build_checkpoint
+
+from tests.support.fake_stages import FakeClock, TimedStage, Wire, WiredContext, small_config
+from tests.support.rank_world import logs, run_world
+from tests.support.tiny_models import TinyModel, build_checkpoint
 
 from largemodel import metrics
 from largemodel.runtime.engine import Engine, SeqInput, worker_loop

@@ -10,12 +10,12 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from pods import group_env, running_pods
-from rank_world import logs, run_world
-from tiny_models import SAMPLINGS, VARIANTS, word
 
 from largemodel.runtime.deepspeed_engine import DeepSpeedConfigError, load_autotp
 from largemodel.runtime.parallel import ParallelContext
+from tests.support.pods import group_env, running_pods
+from tests.support.rank_world import logs, run_world
+from tests.support.tiny_models import SAMPLINGS, VARIANTS, word
 
 
 @pytest.mark.timeout(150)

@@ -15,9 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-from pods import group_env, running_pods
-from rank_world import child_env
-from tiny_models import word
+
+from tests.support.pods import group_env, running_pods
+from tests.support.rank_world import child_env
+from tests.support.tiny_models import word
 
 
 def listening_addresses(pid: int) -> list[str]:

@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pods import group_env, running_pods
-from tiny_models import word
+
+from tests.support.pods import group_env, running_pods
+from tests.support.tiny_models import word
 
 
 def _ip(*args: str) -> None:

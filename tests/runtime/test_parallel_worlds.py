@@ -14,8 +14,9 @@ from typing import Any
 
 import pytest
 import torch
-from rank_world import logs, run_world
-from tiny_models import SAMPLINGS, VARIANTS
+
+from tests.support.rank_world import logs, run_world
+from tests.support.tiny_models import SAMPLINGS, VARIANTS
 
 WORLDS = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 3), (3, 1), (1, 4)]
 @pytest.mark.timeout(120)

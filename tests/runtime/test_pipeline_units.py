@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from fake_stages import FakeClock, TimedStage, Wire, WiredContext, small_config
+from tests.support.fake_stages import FakeClock, TimedStage, Wire, WiredContext, small_config
 from prometheus_client import REGISTRY
 
 from largemodel.runtime.pipeline import (

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from rank_world import child_env
 
 from largemodel.runtime import rendezvous
 from largemodel.runtime.local import free_port
 from largemodel.runtime.rendezvous import GREETING, NONCE, GroupStore, StoreServer
+from tests.support.rank_world import child_env
 
 SECRET = b"0123456789abcdef-group-secret"
 SHORT = timedelta(seconds=5)

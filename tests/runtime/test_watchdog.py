@@ -18,10 +18,10 @@ from typing import Any
 
 import httpx
 import pytest
-from pods import group_env, running_pods
-from tiny_models import word
 
 from largemodel.runtime.watchdog import EXIT_HUNG, HUNG_MARKER_PREFIX, Watchdog, hung_reasons
+from tests.support.pods import group_env, running_pods
+from tests.support.tiny_models import word
 
 TIMEOUT_S = 4  # COLLECTIVE_TIMEOUT_SECONDS of the group tests
 HUNG_LINE = re.compile(r"event=collective_hung rank=(\d+) collective=(\w+) group=(\w+) peer=([\d,]+) waited_s=")

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from rank_world import HERE, child_env
 from safetensors.torch import save_file
 
 from largemodel.runtime.model import ModelConfigError
 from largemodel.runtime.parallel import ParallelContext, TensorParallelError
 from largemodel.runtime.weights import build_stage, parse_dtype
+from tests.support.rank_world import MAINS, child_env
 
 HIDDEN, INNER, LAYERS, VOCAB = 1024, 4096, 4, 1000
 
@@ -44,7 +44,7 @@ def wide_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int
 
 
 def _measure(model_dir: Path, tp: int, pp: int, rank: int) -> dict[str, int]:
-    done = subprocess.run([sys.executable, str(HERE / "rss_main.py"), str(model_dir), str(tp), str(pp), str(rank)],
+    done = subprocess.run([sys.executable, str(MAINS / "rss_main.py"), str(model_dir), str(tp), str(pp), str(rank)],
                           env=child_env(), capture_output=True, text=True, timeout=90)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,6 +1,6 @@
 """One rank of a test world: load each listed model in turn, drive it from rank 0, record the results.
 
-Run as a script by tests/runtime/rank_world.py with RANK, WORLD_SIZE, TP_SIZE, PP_SIZE, MASTER_ADDR,
+Run as a script by tests/support/rank_world.py with RANK, WORLD_SIZE, TP_SIZE, PP_SIZE, MASTER_ADDR,
 MASTER_PORT in the environment and a JSON spec path as argv[1]. Rank 0 writes {model: {tokens,
 logits}} to the spec's "out" path; the test process compares it with transformers.
 """

@@ -12,8 +12,7 @@ import grpc
 import httpx
 
 from largemodel.runtime.grpc_server import load_stubs
-
-from .world import RunningServer
+from tests.support.world import RunningServer
 
 pb2, pb2_grpc = load_stubs()
 

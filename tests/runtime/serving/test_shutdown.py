@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .world import descendants, start_run, write_largemodel
+from tests.support.world import descendants, start_run, write_largemodel
 
 STREAMS = 6  # more than maxBatchSize 4: two of them wait in the queue when SIGTERM arrives
 NEW_TOKENS = 160

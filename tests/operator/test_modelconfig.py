@@ -11,8 +11,7 @@ import yaml
 
 from largemodel.operator import api
 from largemodel.operator.modelconfig import ModelConfigError, inspect_model
-
-from .conftest import run_largemodel
+from tests.support.examples import run_largemodel
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

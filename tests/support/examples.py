@@ -1,4 +1,4 @@
-"""Shared helpers for the foundation tests: example resources and the real `largemodel` command."""
+"""Shared test helpers: example resources and the real `largemodel` command."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from largemodel.operator import api
@@ -61,9 +60,3 @@ def run_largemodel(*args: str, stdin: str | None = None, timeout: float = 60) ->
     return subprocess.run(
         [str(LARGEMODEL), *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
     )
-
-
-@pytest.fixture
-def examples_dir() -> Path:
-    """The examples/ folder."""
-    return EXAMPLES

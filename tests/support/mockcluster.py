@@ -1,6 +1,6 @@
 """A mock API server in a background thread, a kubeconfig for it, and a small sync client.
 
-The server is tests/operator/k8smock.K8sMock on 127.0.0.1 (a random port), run in its own event
+The server is tests/support/k8smock.K8sMock on 127.0.0.1 (a random port), run in its own event
 loop so that the operator (KopfRunner, another thread), kubectl (a subprocess) and the test
 (this thread) all talk to it over real HTTP.
 """
@@ -21,9 +21,9 @@ from typing import Any
 import httpx
 import kmock
 import yaml
-from k8smock import K8sMock
 
 from largemodel.operator import api, crd
+from tests.support.k8smock import K8sMock
 
 LM_RESOURCE = f"{api.GROUP}/{api.VERSION}/{api.PLURAL}"
 TEST_AGENT = "largemodel-tests"

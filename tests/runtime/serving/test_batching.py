@@ -10,8 +10,7 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from largemodel.runtime.grpc_server import load_stubs
-
-from .world import RunningServer
+from tests.support.world import RunningServer
 
 pb2, pb2_grpc = load_stubs()
 

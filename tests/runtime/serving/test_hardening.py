@@ -23,8 +23,7 @@ from starlette.testclient import TestClient
 
 from largemodel.runtime.grpc_server import load_stubs
 from largemodel.runtime.http_api import create_app
-
-from .world import RunningServer, post_json
+from tests.support.world import RunningServer, post_json
 
 pb2, pb2_grpc = load_stubs()
 
@@ -454,7 +453,7 @@ def test_a_flood_waiting_for_the_tokenizer_is_refused_with_429() -> None:
 def test_api_key_against_a_real_group(tiny_model: Any, tmp_path: Any) -> None:
     """API_KEY_FILE as the operator mounts it, through `largemodel run` into the stage-0 rank: /v1 over
     HTTP and gRPC needs the bearer token (OpenAI 401 / UNAUTHENTICATED); health and metrics do not."""
-    from .world import start_run, write_largemodel
+    from tests.support.world import start_run, write_largemodel
 
     key_file = tmp_path / "apiKey"
     key_file.write_text("s3cret-key\n")

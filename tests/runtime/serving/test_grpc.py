@@ -9,9 +9,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from largemodel.runtime.grpc_server import SERVICE_NAME, load_stubs
-
-from .oracle import chat_ids, decode, greedy, text_ids
-from .world import RunningServer
+from tests.support.oracle import chat_ids, decode, greedy, text_ids
+from tests.support.world import RunningServer
 
 pb2, pb2_grpc = load_stubs()
 

@@ -8,7 +8,7 @@ import urllib.request
 
 import httpx
 
-from .world import RunningServer
+from tests.support.world import RunningServer
 
 STREAMS = 64  # twice maxBatchSize (8) + maxQueue (24)
 NEW_TOKENS = 24

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from .tinymodel import build_tiny_llama
-from .world import RunningServer, start_run, write_largemodel
+from tests.support.tinymodel import build_tiny_llama
+from tests.support.world import RunningServer, start_run, write_largemodel
 
 
 @pytest.fixture(scope="session")

@@ -14,8 +14,7 @@ import pytest
 import yaml
 
 from largemodel.operator import cli
-
-from .conftest import EXAMPLES, example, run_largemodel
+from tests.support.examples import EXAMPLES, example, run_largemodel
 
 KUBECTL = Path(sys.executable).parent / "kubectl"
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))

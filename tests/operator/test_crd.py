@@ -18,9 +18,8 @@ from largemodel.operator import api
 from largemodel.operator.crd import crd_yaml, generate_crd, openapi_schema
 from largemodel.operator.manifest import InputError, parse_largemodel
 from largemodel.operator.planner import PlanError, plan_parallelism
-
-from .conftest import EXAMPLES, ROOT, example, run_largemodel
-from .crdcheck import admit, apply_defaults, cel_failures, rules
+from tests.support.crdcheck import admit, apply_defaults, cel_failures, rules
+from tests.support.examples import EXAMPLES, ROOT, example, run_largemodel
 
 CRD_FILE = ROOT / "crds" / "serving.largemodel.io_largemodels.yaml"
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))

@@ -12,11 +12,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from rank_world import child_env
-
 from largemodel import envcontract
 from largemodel.runtime import local
 from largemodel.runtime.local import NotReadyError, free_port, free_port_pair
+from tests.support.rank_world import child_env
 
 
 @dataclass

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .world import RunningServer, post_json
+from tests.support.world import RunningServer, post_json
 
 
 def test_served_openapi_holds_under_generated_requests(server: RunningServer, tmp_path: Path) -> None:

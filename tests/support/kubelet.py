@@ -16,9 +16,9 @@ import time
 from typing import Any
 
 import httpx
-from mockcluster import TEST_AGENT, MockCluster, apps_path, core_path
 
 from largemodel.operator.builders import LABEL_GROUP, LABEL_NAME, POD_INDEX_LABEL
+from tests.support.mockcluster import TEST_AGENT, MockCluster, apps_path, core_path
 
 
 class Kubelet:

@@ -24,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from largemodel.runtime.local import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-OPERATOR_TESTS = ROOT / "tests" / "operator"
 EXAMPLE = ROOT / "examples" / "smollm2-local.yaml"
 
 
@@ -72,11 +71,8 @@ def _manifest(workdir: Path, name: str) -> Path:
 @contextlib.contextmanager
 def running_operator_target(workdir: Path, namespace: str, name: str) -> Iterator[OperatorTarget]:
     """Mock API server + kubelet + `largemodel operator -n NAMESPACE`; LargeModel `name` applied."""
-    # The operator team's mock cluster modules import each other by top-level name.
-    if str(OPERATOR_TESTS) not in sys.path:
-        sys.path.insert(0, str(OPERATOR_TESTS))
-    from kubelet import Kubelet  # type: ignore[import-not-found]
-    from mockcluster import running_cluster  # type: ignore[import-not-found]
+    from tests.support.kubelet import Kubelet
+    from tests.support.mockcluster import running_cluster
 
     port = free_port()
     log = workdir / "operator.log"

@@ -9,10 +9,10 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from kopf.testing import KopfRunner
-from mockcluster import MockCluster
 
 from largemodel.operator import handlers, rbac
 from largemodel.operator.kubeclient import USER_AGENT
+from tests.support.mockcluster import MockCluster
 
 OPERATOR_AGENTS = ("kopf/", USER_AGENT.split("/")[0] + "/")
 WRITE_METHODS = {"POST", "PATCH", "PUT", "DELETE"}

@@ -19,8 +19,7 @@ from largemodel.operator.planner import (
     valid_tensor_sizes,
 )
 from largemodel.partition import split_layers
-
-from .conftest import LLAMA3_70B, LLAMA31_405B
+from tests.support.examples import LLAMA3_70B, LLAMA31_405B
 
 
 def spec(arch: dict[str, Any] | None = LLAMA3_70B, **overrides: Any) -> api.LargeModelSpec:

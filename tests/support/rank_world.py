@@ -12,7 +12,7 @@ from pathlib import Path
 from largemodel.runtime.launch import stop_processes
 from largemodel.runtime.local import free_port
 
-HERE = Path(__file__).resolve().parent
+MAINS = Path(__file__).resolve().parents[1] / "runtime"  # the *_main.py scripts ranks run
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -34,7 +34,7 @@ def run_world(tp: int, pp: int, script: str, args: Sequence[str], timeout_s: flo
             env = child_env({"RANK": str(rank), "WORLD_SIZE": str(world), "TP_SIZE": str(tp), "PP_SIZE": str(pp),
                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **(extra_env or {})})
             out = open(log_dir / f"rank{rank}.log", "w")  # noqa: SIM115 - closed with the process
-            procs.append(subprocess.Popen([sys.executable, str(HERE / script), *args], env=env, stdout=out,
+            procs.append(subprocess.Popen([sys.executable, str(MAINS / script), *args], env=env, stdout=out,
                                           stderr=subprocess.STDOUT))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from k8smock import prune
 
 from largemodel.operator import crd, fit, gang
 from largemodel.operator.builders import POD_INDEX_LABEL
 from largemodel.operator.reconcile import Create, Delete, Observed, Patch, Result, reconcile
+from tests.support.k8smock import prune
 
 ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)

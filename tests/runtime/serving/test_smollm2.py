@@ -29,7 +29,7 @@ def test_smollm2_says_paris(models_dir: Path) -> None:
         out, err = proc.communicate(timeout=280)
     finally:
         if proc.poll() is None:
-            from .world import kill_process_tree
+            from tests.support.world import kill_process_tree
 
             kill_process_tree(proc)  # type: ignore[arg-type]
     assert proc.returncode == 0, err[-5000:]

@@ -9,8 +9,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from .oracle import chat_ids, decode, greedy, text_ids
-from .world import RunningServer, post_json
+from tests.support.oracle import chat_ids, decode, greedy, text_ids
+from tests.support.world import RunningServer, post_json
 
 MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Name a parser."}]
 

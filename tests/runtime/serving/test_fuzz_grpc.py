@@ -17,8 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from largemodel.runtime.grpc_server import load_stubs
-
-from .world import RunningServer, post_json
+from tests.support.world import RunningServer, post_json
 
 pb2, pb2_grpc = load_stubs()
 

@@ -25,8 +25,7 @@ from largemodel.operator.builders import (
     template_revision,
 )
 from largemodel.operator.planner import plan_parallelism
-
-from .conftest import LLAMA3_70B, LLAMA31_405B, example, make_lm
+from tests.support.examples import LLAMA3_70B, LLAMA31_405B, example, make_lm
 
 UID = "0b7c6f1e-7f5e-4a3a-9c53-1d2e3f4a5b6c"
 
