@@ -17,12 +17,11 @@ from typing import Any
 
 import pytest
 
+from largemodel import metrics
+from largemodel.runtime.engine import Engine, SeqInput, worker_loop
 from tests.support.fake_stages import FakeClock, TimedStage, Wire, WiredContext, small_config
 from tests.support.rank_world import logs, run_world
 from tests.support.tiny_models import TinyModel, build_checkpoint
-
-from largemodel import metrics
-from largemodel.runtime.engine import Engine, SeqInput, worker_loop
 
 
 class GaugeRecorder:
@@ -105,7 +104,7 @@ def test_slower_last_stage_and_busy_stage_not_counted_idle(monkeypatch: pytest.M
         steps = [engine.step(prefill(2)) for _ in range(2)]
         a = engine.submit([SeqInput(0, [30], 2)])
         b = engine.submit([SeqInput(1, [40], 2)])
-        return [*steps, engine.result(a)[0], engine.result(b)[0]]
+        return [*steps, engine.result(a), engine.result(b)]
 
     rank0, rank1, tokens = run_pp2(monkeypatch, (2.0, 3.0), 2, drive)
     assert rank0 == [1 - 4 / 8, 1 - 4 / 8, 1 - 2 / 2, 1 - 2 / 2]

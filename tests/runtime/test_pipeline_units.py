@@ -11,7 +11,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from tests.support.fake_stages import FakeClock, TimedStage, Wire, WiredContext, small_config
 from prometheus_client import REGISTRY
 
 from largemodel.runtime.pipeline import (
@@ -25,6 +24,7 @@ from largemodel.runtime.pipeline import (
     StageIO,
     payload_size,
 )
+from tests.support.fake_stages import FakeClock, TimedStage, Wire, WiredContext, small_config
 
 ONE, POINT_SEVEN, POINT_NINE = 0x3FF0000000000000, 0x3FE6666666666666, 0x3FECCCCCCCCCCCCD  # IEEE-754 bits
 
