@@ -31,11 +31,9 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from largemodel.partition import stage_layer_range  # noqa: E402
-from largemodel.runtime.model import CausalLM, load_config  # noqa: E402
-from largemodel.runtime.parallel import ParallelContext, apply_tensor_parallel  # noqa: E402
-from largemodel.runtime.transforms import apply_cpu_kernels, fuse_projections  # noqa: E402
-from largemodel.runtime.weights import build_stage, checkpoint_index, load_threads, load_weights  # noqa: E402
+from largemodel.runtime.model import load_config  # noqa: E402
+from largemodel.runtime.parallel import ParallelContext  # noqa: E402
+from largemodel.runtime.weights import build_stage, checkpoint_index, empty_stage, load_threads, load_weights  # noqa: E402
 
 DEFAULT_MODEL = Path(os.environ.get("LARGEMODEL_MODELS_DIR", Path.home() / ".cache/largemodel/models")) / \
     "HuggingFaceTB" / "SmolLM2-135M-Instruct"
@@ -70,17 +68,8 @@ def read_fresh(files: list[Path]) -> float:
 
 
 def load_only(model_dir: Path, ctx: ParallelContext) -> tuple[int, float]:
-    """(bytes, seconds) of `load_weights` into a freshly allocated, fused stage."""
-    config = load_config(model_dir)
-    layers = stage_layer_range(config.num_hidden_layers, ctx.pp, ctx.pp_rank, config.head_layers)
-    with torch.device("meta"):
-        model = CausalLM(config, layers, first=ctx.pp_rank == 0, last=ctx.pp_rank == ctx.pp - 1)
-    shards = apply_tensor_parallel(model, ctx)
-    fuse_projections(model)
-    apply_cpu_kernels(model)
-    model = model.to(torch.float32).to_empty(device=torch.device("cpu")).eval()
-    if model.lm_head is not None and model.model.embed_tokens is not None and config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
+    """(bytes, seconds) of `load_weights` into a freshly allocated, transformed stage."""
+    model, config, shards = empty_stage(model_dir, ctx, torch.float32, torch.device("cpu"))
     began = time.perf_counter()
     nbytes = load_weights(model, config, model_dir, shards)
     return nbytes, time.perf_counter() - began

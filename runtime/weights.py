@@ -89,14 +89,14 @@ def safetensors_entries(file: Path) -> dict[str, TensorEntry]:
     base = 8 + length
     if not isinstance(header, dict):
         raise ModelConfigError(f"{file}: safetensors header is not a JSON object")
-    end = base + max((int(meta["data_offsets"][1]) for name, meta in header.items() if name != "__metadata__"), default=0)
-    size = file.stat().st_size
+    entries = {name: TensorEntry(str(meta["dtype"]), tuple(int(d) for d in meta["shape"]),
+                                 base + int(meta["data_offsets"][0]), base + int(meta["data_offsets"][1]))
+               for name, meta in header.items() if name != "__metadata__"}
+    end, size = max((e.end for e in entries.values()), default=base), file.stat().st_size
     if size < end:
         raise ModelConfigError(f"{file} is {size} bytes but its header lists tensors up to byte {end}: "
                                "an incomplete copy or download")
-    return {name: TensorEntry(str(meta["dtype"]), tuple(int(d) for d in meta["shape"]), base + int(meta["data_offsets"][0]),
-                              base + int(meta["data_offsets"][1]))
-            for name, meta in header.items() if name != "__metadata__"}
+    return entries
 
 
 def direct_range(entry: TensorEntry, shard: Shard | None, param: Tensor) -> tuple[int, int] | None:
@@ -152,12 +152,10 @@ def read_shard(file: Path, name: str, shard: Shard | None) -> Tensor:
     return part
 
 
-def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
-                max_batch: int, max_len: int) -> tuple[CausalLM, float]:
-    """This rank's stage model with weights loaded and KV caches allocated; returns (model, seconds)."""
-    began = time.perf_counter()
-    if device.type == "cpu":
-        cpu_kernels.load()  # the decode GEMV kernel: built once per machine, logged, optional
+def empty_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype,
+                device: torch.device) -> tuple[CausalLM, ModelConfig, dict[str, Shard]]:
+    """This rank's stage, cut and transformed on the meta device, then allocated (not yet loaded):
+    (model, config, the TP shard of each parameter)."""
     config = load_config(model_dir)
     problem = modelfacts.pipeline_problem(layers=config.num_hidden_layers, pp=ctx.pp)
     if problem:
@@ -172,14 +170,25 @@ def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
     model = model.to(dtype).to_empty(device=device).eval()
     if model.lm_head is not None and model.model.embed_tokens is not None and config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # one copy; named_parameters yields it once
+    return model, config, shards
+
+
+def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
+                max_batch: int, max_len: int) -> tuple[CausalLM, float]:
+    """This rank's stage model with weights loaded and KV caches allocated; returns (model, seconds)."""
+    began = time.perf_counter()
+    if device.type == "cpu":
+        cpu_kernels.load()  # the decode GEMV kernel: built once per machine, logged, optional
+    model, config, shards = empty_stage(model_dir, ctx, dtype, device)
     nbytes = load_weights(model, config, Path(model_dir), shards)
     model.setup_caches(max_batch, max_len, dtype, device)
     seconds = time.perf_counter() - began
     # Issue 17: the load rate per rank (bytes of its shard over the whole build), also in status.
     metrics.MODEL_LOAD_BYTES.labels(rank=str(ctx.rank)).set(nbytes)
     metrics.MODEL_LOAD_RATE.labels(rank=str(ctx.rank)).set(nbytes / seconds if seconds > 0 else 0.0)
+    layers = [int(i) for i in model.model.layers]  # global indices, in order
     log.info("event=load_done rank=%d stage=%d layers=%d-%d shard_mib=%.1f seconds=%.2f rate_mb_s=%.1f",
-             ctx.rank, ctx.pp_rank, layers.start, layers.stop - 1, nbytes / 2**20, seconds,
+             ctx.rank, ctx.pp_rank, layers[0], layers[-1], nbytes / 2**20, seconds,
              nbytes / 1e6 / seconds if seconds > 0 else 0.0)
     return model, seconds
 
@@ -190,11 +199,10 @@ def load_threads() -> int:
     return min(MAX_READERS, max(2, torch.get_num_threads()))
 
 
-def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: dict[str, Shard],
-                 threads: int | None = None) -> int:
+def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: dict[str, Shard]) -> int:
     """Copy every parameter's slice in from the checkpoint; returns the bytes loaded.
 
-    Whole tensors and row shards become `READ_CHUNK` byte ranges read by `threads` readers straight
+    Whole tensors and row shards become `READ_CHUNK` byte ranges read by `load_threads()` readers straight
     into the parameters while this thread fills the rest through `read_shard`. A fused parameter is
     filled block by block: checkpoint_tensors names each of its row blocks (views of its memory) by
     the checkpoint tensor read into it."""
@@ -206,9 +214,9 @@ def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: 
     done, last_log, began = 0, time.perf_counter(), time.perf_counter()
     pending: set[Future[int]] = set()
 
-    def progress(force: bool = False) -> None:
+    def progress() -> None:
         nonlocal last_log
-        if force or time.perf_counter() - last_log > PROGRESS_EVERY_S:
+        if time.perf_counter() - last_log > PROGRESS_EVERY_S:
             last_log = time.perf_counter()
             log.info("event=load_progress loaded_mib=%.1f total_mib=%.1f elapsed_s=%.1f",
                      done / 2**20, total / 2**20, last_log - began)
@@ -219,7 +227,7 @@ def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: 
         for future in finished:
             done += future.result()  # a failed read raises here
 
-    readers = ThreadPoolExecutor(max_workers=threads or load_threads(), thread_name_prefix="load")
+    readers = ThreadPoolExecutor(max_workers=load_threads(), thread_name_prefix="load")
     try:
         for name, param in params:
             key = name
