@@ -2,7 +2,7 @@
 //   small_linear      y = x @ w.T (+ bias) for the few activation rows of a decode step;
 //   rms_norm          transformers' LlamaRMSNorm in one pass; add_rms_norm: the residual add first;
 //   silu_mul          SwiGLU's silu(gate) * up over a fused gate/up output;
-//   decode_attention  RoPE, KV-cache write and GQA attention of one decode token per row.
+//   decode_attention  RoPE, paged KV-cache write and GQA attention of one decode token per row.
 //
 // One source, compiled once per instruction-set level (cpu_kernels.py picks the best the CPU runs):
 //   -DLARGEMODEL_ISA_AVX512  -mavx512f -mavx512bw -mavx512vl -mfma  16 fp32 lanes per vector
@@ -392,12 +392,13 @@ void rope_head(const T* x, const T* cos, const T* sin, int64_t dim, T* out) {
   }
 }
 
-// Attention of `group` query heads (fp32 values, contiguous) over keys/values 0..n-1 of one KV head:
+// Attention of `group` query heads (fp32 values, contiguous) over positions 0..n-1 of one KV head, whose
+// key and value rows sit at `keys + idx[t] * dim` (the paged cache's index of position t):
 // scores q.k * scale, softmax in fp32, weighted sum of values, one rounding to T at the end.
 // `scores` holds group * round_up(n, W) floats.
 template <typename T>
-void attend(const float* q, int64_t group, int64_t dim, const T* keys, const T* values, int64_t n, float scale,
-            float* scores, T* out) {
+void attend(const float* q, int64_t group, int64_t dim, const T* keys, const T* values, const int64_t* idx,
+            int64_t n, float scale, float* scores, T* out) {
   const int64_t stride = (n + W - 1) / W * W, full = dim / W * W;
   vi lane;
   for (int i = 0; i < W; ++i) lane[i] = i;
@@ -405,7 +406,7 @@ void attend(const float* q, int64_t group, int64_t dim, const T* keys, const T* 
     const float* qg = q + g * dim;
     float* s = scores + g * stride;
     for (int64_t t = 0; t < n; ++t) {
-      const T* kr = keys + t * dim;
+      const T* kr = keys + idx[t] * dim;
       vf a0 = vf{}, a1 = vf{};  // two chains: even and odd vectors of the head
       int64_t c = 0;
       for (; c + 2 * W <= full; c += 2 * W) {
@@ -435,7 +436,7 @@ void attend(const float* q, int64_t group, int64_t dim, const T* keys, const T* 
       vf a0 = vf{}, a1 = a0, a2 = a0, a3 = a0;
       for (int64_t t = 0; t < n; ++t) {
         const vf p = splat(s[t]);
-        const T* vr = values + t * dim + c0;
+        const T* vr = values + idx[t] * dim + c0;
         a0 = vfma(p, loadv(vr), a0);
         a1 = vfma(p, loadv(vr + W), a1);
         a2 = vfma(p, loadv(vr + 2 * W), a2);
@@ -451,7 +452,7 @@ void attend(const float* q, int64_t group, int64_t dim, const T* keys, const T* 
       const int64_t left = std::min<int64_t>(W, dim - c0);
       vf a = vf{};
       for (int64_t t = 0; t < n; ++t) {
-        const T* vr = values + t * dim + c0;
+        const T* vr = values + idx[t] * dim + c0;
         a = vfma(splat(s[t]), left == W ? loadv(vr) : load_part(vr, left), a);
       }
       if (left == W) storev(out + g * dim + c0, a / total);
@@ -462,10 +463,10 @@ void attend(const float* q, int64_t group, int64_t dim, const T* keys, const T* 
 
 template <typename T>
 void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                           const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* slots,
-                           const int64_t* positions, int64_t heads, int64_t kv_heads, double scale,
+                           const at::Tensor& k_cache, const at::Tensor& v_cache, const int64_t* index,
+                           int64_t span, const int64_t* positions, int64_t heads, int64_t kv_heads, double scale,
                            at::Tensor& result) {
-  const int64_t rows = qkv.size(0), dim = k_cache.size(3), max_len = k_cache.size(2);
+  const int64_t rows = qkv.size(0), dim = k_cache.size(2), cache_len = k_cache.size(1);
   const int64_t width = (heads + 2 * kv_heads) * dim, group = heads / kv_heads;
   const T* src = qkv.const_data_ptr<T>();
   T* kc = k_cache.mutable_data_ptr<T>();
@@ -482,7 +483,7 @@ void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const a
       for (int64_t d = 0; d < dim; ++d) queries[(b * heads + h) * dim + d] = static_cast<float>(rotated[d]);
     }
     for (int64_t j = 0; j < kv_heads; ++j) {
-      const int64_t at = ((slots[b] * kv_heads + j) * max_len + positions[b]) * dim;
+      const int64_t at = (j * cache_len + index[b * span + positions[b]]) * dim;
       rope_head<T>(row + (heads + j) * dim, c, s, dim, kc + at);
       std::copy_n(row + (heads + kv_heads + j) * dim, dim, vc + at);
     }
@@ -496,54 +497,60 @@ void decode_attention_impl(const at::Tensor& qkv, const at::Tensor& cos, const a
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / kv_heads, j = task % kv_heads, n = positions[b] + 1;
       scores.resize(group * ((n + W - 1) / W * W));
-      const int64_t base = (slots[b] * kv_heads + j) * max_len * dim;
-      attend<T>(queries.data() + (b * heads + j * group) * dim, group, dim, kc + base, vc + base, n,
-                static_cast<float>(scale), scores.data(), result.mutable_data_ptr<T>() + (b * heads + j * group) * dim);
+      const int64_t base = j * cache_len * dim;
+      attend<T>(queries.data() + (b * heads + j * group) * dim, group, dim, kc + base, vc + base, index + b * span,
+                n, static_cast<float>(scale), scores.data(),
+                result.mutable_data_ptr<T>() + (b * heads + j * group) * dim);
     }
   });
 }
 
 // One decode token per row b: RoPE on its query and key heads (fused q|k|v projection output, q and k
-// heads adjacent), its key and value written to cache slot slots[b] at position positions[b], then
-// each query head attends over that slot's positions 0..positions[b] (GQA: `heads / kv_heads` query
-// heads share a KV head). Replaces rotate-half, the cache writes and scaled_dot_product_attention:
-// about twenty tensor ops per layer, each costing more than the arithmetic at one token.
+// heads adjacent), its key and value written to the paged cache at index[b, positions[b]], then each
+// query head attends over the row's positions 0..positions[b], found at index[b, 0..positions[b]]
+// (GQA: `heads / kv_heads` query heads share a KV head). Replaces rotate-half, the cache writes and
+// scaled_dot_product_attention: about twenty tensor ops per layer, each costing more than the
+// arithmetic at one token.
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& slots,
+                            const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& index,
                             const at::Tensor& positions, int64_t heads, int64_t kv_heads, double scale) {
   const auto dtype = qkv.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "decode_attention: float32 or bfloat16 only");
-  for (const auto* t : {&qkv, &cos, &sin, &k_cache, &v_cache, &slots, &positions})
+  for (const auto* t : {&qkv, &cos, &sin, &k_cache, &v_cache, &index, &positions})
     TORCH_CHECK(t->device().is_cpu(), "decode_attention: CPU tensors only");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+  TORCH_CHECK(k_cache.dim() == 3 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
                   k_cache.sizes() == v_cache.sizes(),
-              "decode_attention: caches must be contiguous [slots, kv_heads, max_len, head_dim]");
+              "decode_attention: caches must be contiguous [kv_heads, cache_len, head_dim]");
   TORCH_CHECK(k_cache.scalar_type() == dtype && v_cache.scalar_type() == dtype && cos.scalar_type() == dtype &&
                   sin.scalar_type() == dtype,
               "decode_attention: qkv, cos, sin and the caches must share one dtype");
-  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && k_cache.size(1) == kv_heads,
+  TORCH_CHECK(heads > 0 && kv_heads > 0 && heads % kv_heads == 0 && k_cache.size(0) == kv_heads,
               "decode_attention: ", heads, " query heads cannot share ", kv_heads, " KV heads");
-  const int64_t dim = k_cache.size(3), rows = slots.numel();
+  const int64_t dim = k_cache.size(2), cache_len = k_cache.size(1), rows = positions.numel();
   TORCH_CHECK(dim % 2 == 0, "decode_attention: head_dim must be even for RoPE");
+  TORCH_CHECK(index.dim() == 2 && index.size(0) == rows, "decode_attention: index must be [rows, positions]");
   auto x = qkv.reshape({-1, (heads + 2 * kv_heads) * dim}).contiguous();
-  TORCH_CHECK(x.size(0) == rows && positions.numel() == rows, "decode_attention: ", x.size(0),
-              " rows of qkv for ", rows, " slots and ", positions.numel(), " positions");
+  TORCH_CHECK(x.size(0) == rows, "decode_attention: ", x.size(0), " rows of qkv for ", rows, " positions");
   auto c = cos.reshape({-1, dim}).contiguous(), s = sin.reshape({-1, dim}).contiguous();
   TORCH_CHECK(c.size(0) == rows && s.size(0) == rows, "decode_attention: one cos/sin row per token");
-  auto sl = slots.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
-  const int64_t* sp = sl.const_data_ptr<int64_t>();
+  auto ix = index.to(at::kLong).contiguous(), pos = positions.to(at::kLong).contiguous();
+  const int64_t* ip = ix.const_data_ptr<int64_t>();
   const int64_t* pp = pos.const_data_ptr<int64_t>();
+  const int64_t span = ix.size(1);
   for (int64_t b = 0; b < rows; ++b) {
-    TORCH_CHECK(0 <= sp[b] && sp[b] < k_cache.size(0), "decode_attention: slot ", sp[b], " out of range");
-    TORCH_CHECK(0 <= pp[b] && pp[b] < k_cache.size(2), "decode_attention: position ", pp[b], " out of range");
+    TORCH_CHECK(0 <= pp[b] && pp[b] < span, "decode_attention: position ", pp[b], " outside the index's ", span);
+    for (int64_t t = 0; t <= pp[b]; ++t)
+      TORCH_CHECK(0 <= ip[b * span + t] && ip[b * span + t] < cache_len, "decode_attention: cache index ",
+                  ip[b * span + t], " out of range");
     for (int64_t a = 0; a < b; ++a)
-      TORCH_CHECK(sp[a] != sp[b], "decode_attention: slot ", sp[b], " appears twice");
+      TORCH_CHECK(ip[a * span + pp[a]] != ip[b * span + pp[b]], "decode_attention: cache index ",
+                  ip[b * span + pp[b]], " written twice");
   }
   auto result = at::empty({rows, heads * dim}, x.options());
   if (dtype == at::kBFloat16)
-    decode_attention_impl<at::BFloat16>(x, c, s, k_cache, v_cache, sp, pp, heads, kv_heads, scale, result);
+    decode_attention_impl<at::BFloat16>(x, c, s, k_cache, v_cache, ip, span, pp, heads, kv_heads, scale, result);
   else
-    decode_attention_impl<float>(x, c, s, k_cache, v_cache, sp, pp, heads, kv_heads, scale, result);
+    decode_attention_impl<float>(x, c, s, k_cache, v_cache, ip, span, pp, heads, kv_heads, scale, result);
   return result;
 }
 
@@ -559,7 +566,7 @@ LARGEMODEL_LIBRARY(LARGEMODEL_NS, m) {
   m.def("add_rms_norm(Tensor input, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("decode_attention(Tensor qkv, Tensor cos, Tensor sin, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor slots, Tensor positions, int heads, int kv_heads, float scale) -> Tensor");
+        "Tensor index, Tensor positions, int heads, int kv_heads, float scale) -> Tensor");
 }
 
 LARGEMODEL_LIBRARY_IMPL(LARGEMODEL_NS, CPU, m) {

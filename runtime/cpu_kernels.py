@@ -331,14 +331,15 @@ def decode_attention_ready(x: torch.Tensor) -> bool:
 
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, heads: int, kv_heads: int,
+                     v_cache: torch.Tensor, index: torch.Tensor, positions: torch.Tensor, heads: int, kv_heads: int,
                      scale: float) -> torch.Tensor:
-    """One decode token per row: RoPE its q/k heads, write k/v to cache slot `slots[b]` at `positions[b]`,
-    attend over that slot's positions 0..positions[b]. qkv [B, (H + 2 KV) * D] -> [B, H * D].
+    """One decode token per row: RoPE its q/k heads, write k/v to the paged cache ([KV, cache_len, D]) at
+    index[b, positions[b]], attend over the row's positions 0..positions[b] (at index[b, :positions[b]+1]).
+    qkv [B, (H + 2 KV) * D] -> [B, H * D].
 
     Only when decode_attention_ready(); the model's tensor-op path is the reference it is tested against.
     """
-    out: torch.Tensor = _ops.decode_attention(qkv, cos, sin, k_cache, v_cache, slots, positions, heads, kv_heads,
+    out: torch.Tensor = _ops.decode_attention(qkv, cos, sin, k_cache, v_cache, index, positions, heads, kv_heads,
                                               scale)
     return out
 

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from largemodel.runtime.kvblocks import BlockError, BlockManager
 from largemodel.runtime.parallel import DEFAULT_PG_TIMEOUT_S, PG_TIMEOUT_ENV, ParallelContext
 from largemodel.runtime.pipeline import (
     KIND_NOOP,
@@ -57,12 +58,17 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class SeqInput:
-    """New tokens of one sequence for one step; start_pos 0 starts a new sequence in `slot`."""
+    """New tokens of one sequence for one step; start_pos 0 starts a new sequence in `slot`.
+
+    `new_sequence`: this is the first prefill of a sequence begun with `Engine.start_sequence`, which
+    starts after its cached prefix (start_pos > 0).
+    """
 
     slot: int
     tokens: list[int]
     start_pos: int
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    new_sequence: bool = False
 
 
 # Bounds of what a sequence may ask for; the API refuses more before it gets here (protocol.py).
@@ -105,9 +111,13 @@ class Engine:
     def __init__(self, model: StageModel, ctx: ParallelContext, *, micro_batches: int = 1,
                  eos_token_ids: list[int] | None = None, heartbeat_s: float | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None,
-                 min_micro_batch_tokens: int | None = None,
+                 min_micro_batch_tokens: int | None = None, prefix_cache: bool = True,
                  clock: Callable[[], float] = time.perf_counter) -> None:
-        """`clock`: the seconds the pipeline bubble books are kept in (StageIO); tests inject a fake."""
+        """`clock`: the seconds the pipeline bubble books are kept in (StageIO); tests inject a fake.
+
+        A model with a paged KV cache (the native CausalLM) gets its block tables from a BlockManager
+        here, reusing cached prompt prefixes when `prefix_cache`; other models keep their own caches.
+        """
         assert ctx.rank == 0, "the Engine lives on global rank 0; other ranks run worker_loop()"
         self.model, self.ctx = model, ctx
         self.max_batch_size, self.max_model_len = model.max_batch, model.max_len
@@ -117,6 +127,9 @@ class Engine:
             os.environ.get(MIN_MICRO_BATCH_TOKENS_ENV, DEFAULT_MIN_MICRO_BATCH_TOKENS)))
         self.eos_token_ids = list(eos_token_ids if eos_token_ids is not None else model.config.eos_ids)
         self._on_fatal = on_fatal
+        num_blocks = int(getattr(model, "num_blocks", 0) or 0)
+        self.blocks = BlockManager(num_blocks, int(getattr(model, "block_size", 0)), self.max_batch_size,
+                                   int(getattr(model, "blocks_per_seq", 0)), prefix_cache) if num_blocks else None
         self._io = StageIO(ctx, model, clock)
         self._sampler = Sampler(self.max_batch_size) if ctx.pp == 1 else None
         self._lock = threading.RLock()
@@ -168,8 +181,33 @@ class Engine:
         except (RuntimeError, OverflowError, TypeError, ValueError) as exc:
             raise EngineError(f"batch cannot be encoded for the pipeline: {exc}") from None
 
-    def _plan(self, batch: list[SeqInput], want_logits: bool, first: bool, last: bool) -> MicroBatch:
+    def start_sequence(self, slot: int, prompt: list[int]) -> int:
+        """A new sequence in `slot` (the one there is released): returns how many of its prompt tokens
+        the prefix cache already holds; its first SeqInput starts there with new_sequence=True."""
+        if not 0 <= slot < self.max_batch_size:
+            raise EngineError(f"slot {slot} is outside 0..{self.max_batch_size - 1}")
+        with self._lock:
+            return self.blocks.start(slot, list(prompt)) if self.blocks is not None else 0
+
+    def end_sequence(self, slot: int) -> None:
+        """The sequence in `slot` is finished: its KV blocks go back (the full ones stay cached)."""
+        with self._lock:
+            if self.blocks is not None:
+                self.blocks.release(slot)
+
+    def kv_usage(self) -> tuple[int, int]:
+        """(blocks running sequences hold, all blocks); (0, 0) for a model with its own cache.
+
+        Lock-free (a gauge may be a step stale): callers hold the scheduler's lock, which must never
+        wait for a pipeline step."""
+        blocks = self.blocks
+        return (blocks.used_blocks, blocks.num_blocks) if blocks is not None else (0, 0)
+
+    def _plan(self, batch: list[SeqInput], want_logits: bool, first: bool, last: bool,
+              blocks: list[list[int]] | None = None) -> MicroBatch:
         return MicroBatch(
+            fresh=[s.new_sequence for s in batch] if any(s.new_sequence for s in batch) else [],
+            blocks=blocks or [],
             kind=KIND_STEP, slots=[s.slot for s in batch], start_pos=[s.start_pos for s in batch],
             lengths=[len(s.tokens) for s in batch], tokens=[list(s.tokens) for s in batch],
             top_k=[s.sampling.top_k for s in batch], seeds=[s.sampling.seed for s in batch],
@@ -216,7 +254,13 @@ class Engine:
         """Run stage 0 on one micro-batch and send it on; `close`: end its bubble window at the compute's end."""
         if self._closed:
             raise EngineError("engine is shut down")
-        mb = self._plan(batch, want_logits, first, last)
+        tables = None
+        if self.blocks is not None:
+            try:
+                tables = [self.blocks.extend(s.slot, s.start_pos, list(s.tokens)) for s in batch]
+            except BlockError as exc:
+                raise EngineError(str(exc)) from None
+        mb = self._plan(batch, want_logits, first, last, tables)
         ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
         began = self._io.clock()
         self._io.share_plan(mb)

@@ -1,4 +1,4 @@
-"""Llama-family decoder in plain PyTorch modules, with a static KV cache.
+"""Llama-family decoder in plain PyTorch modules, with a paged KV cache.
 
 Covers Llama 2/3, Mistral, Qwen2 and SmolLM: RMSNorm, RoPE (default, linear and llama3
 scaling), grouped-query attention, SwiGLU, tied or untied embeddings, optional q/k/v bias.
@@ -54,19 +54,25 @@ def rope_inv_freq(config: ModelConfig) -> Tensor:
     return inv_freq
 
 
+# Tokens per KV-cache block: the unit of allocation and of prefix reuse (runtime/kvblocks.py).
+BLOCK_SIZE = 16
+
+
 @dataclass
 class BatchLayout:
     """Where the tokens of one micro-batch sit: computed once, shared by every layer.
 
     Inputs are padded to [B, T]; row b holds `lengths[b]` real tokens at positions
-    start_pos[b] .. start_pos[b]+lengths[b]-1 of KV-cache slot slots[b].
+    start_pos[b] .. start_pos[b]+lengths[b]-1 of its sequence. The KV cache is paged: position p of
+    row b lives at cache index `blocks[b, p // block_size] * block_size + p % block_size`
+    (`index[b, p]`), so rows may share the blocks of a common prefix.
     """
 
-    slots: Tensor
-    slot_range: slice | None  # slots as a slice when contiguous: cache reads become views
+    index: Tensor  # [B, kv_len] cache index of each row's positions 0..kv_len-1
+    span: slice | None  # index as one contiguous range (one row): cache reads become views
     valid: Tensor | None  # [B, T] real-token mask; None when no row is padded
-    write_slot: Tensor  # [N] cache slot of each real token
-    write_pos: Tensor  # [N] cache position of each real token
+    write_index: Tensor  # [N] cache index of each real token
+    write_pos: Tensor  # [N] position of each real token
     kv_len: int
     mask: Tensor | None  # [B, 1, T, kv_len] keys each query may see; None for one decode token
     cos: Tensor  # [B, T, 1, head_dim]
@@ -74,30 +80,40 @@ class BatchLayout:
     last: Tensor  # [B] index of each row's last real token
 
 
-def make_layout(cos_table: Tensor, sin_table: Tensor, slots: Tensor, start_pos: Tensor, lengths: Tensor,
-                dtype: torch.dtype) -> BatchLayout:
-    """Positions, cache write indices, attention mask and RoPE angles of one micro-batch."""
-    batch, width = int(slots.shape[0]), int(lengths.max())
-    offsets = torch.arange(width, device=slots.device)
+def make_layout(cos_table: Tensor, sin_table: Tensor, blocks: Tensor, start_pos: Tensor, lengths: Tensor,
+                block_size: int, dtype: torch.dtype) -> BatchLayout:
+    """Positions, cache indices, attention mask and RoPE angles of one micro-batch.
+
+    `blocks` [B, nb]: the cache blocks of each row's positions 0 .. nb * block_size - 1 (a block
+    table row, covering at least start_pos + length positions).
+    """
+    batch, width = int(blocks.shape[0]), int(lengths.max())
+    offsets = torch.arange(width, device=blocks.device)
     positions = start_pos[:, None] + offsets[None, :]
     padded = bool((lengths != width).any())
     valid = offsets[None, :] < lengths[:, None] if padded else None
-    if valid is None:
-        write_slot, write_pos = slots.repeat_interleave(width), positions.reshape(-1)
-    else:
-        write_slot, write_pos = slots[:, None].expand(batch, width)[valid], positions[valid]
     kv_len = int((start_pos + lengths).max())
+    if kv_len > blocks.shape[1] * block_size:
+        raise ValueError(f"block table of {blocks.shape[1]} blocks cannot hold {kv_len} positions")
+    keys = torch.arange(kv_len, device=blocks.device)
+    index = blocks[:, keys // block_size] * block_size + keys % block_size
+    clamped_pos = positions.clamp(max=kv_len - 1)  # padding may run past the table
+    if valid is None:
+        write_index, write_pos = index.gather(1, positions).reshape(-1), positions.reshape(-1)
+    else:
+        write_index, write_pos = index.gather(1, clamped_pos)[valid], positions[valid]
     mask = None
     if not (batch == 1 and width == 1):
-        keys = torch.arange(kv_len, device=slots.device)
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
-    first = int(slots[0])
-    contiguous = bool((slots == torch.arange(first, first + batch, device=slots.device)).all())
-    clamped = positions.clamp(max=cos_table.shape[0] - 1)  # padding may run past the table
+    span = None
+    if batch == 1:
+        first = int(index[0, 0])
+        if bool((index[0] == torch.arange(first, first + kv_len, device=index.device)).all()):
+            span = slice(first, first + kv_len)
+    clamped = positions.clamp(max=cos_table.shape[0] - 1)
     return BatchLayout(
-        slots=slots, slot_range=slice(first, first + batch) if contiguous else None, valid=valid,
-        write_slot=write_slot, write_pos=write_pos, kv_len=kv_len, mask=mask,
-        cos=cos_table[clamped].to(dtype)[:, :, None, :], sin=sin_table[clamped].to(dtype)[:, :, None, :],
+        index=index, span=span, valid=valid, write_index=write_index, write_pos=write_pos, kv_len=kv_len,
+        mask=mask, cos=cos_table[clamped].to(dtype)[:, :, None, :], sin=sin_table[clamped].to(dtype)[:, :, None, :],
         last=lengths - 1,
     )
 
@@ -128,7 +144,7 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention over a static per-slot KV cache."""
+    """Grouped-query attention over a paged KV cache ([kv_heads, blocks * block_size, head_dim] per layer)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -141,9 +157,10 @@ class Attention(nn.Module):
         self.k_cache: Tensor | None = None
         self.v_cache: Tensor | None = None
 
-    def setup_cache(self, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Allocate this layer's cache once; nothing is allocated per step after this."""
-        shape = (max_batch, self.n_kv_heads, max_len, self.head_dim)
+    def setup_cache(self, cache_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate this layer's cache of `cache_len` token positions (blocks x block size) once;
+        nothing is allocated per step after this."""
+        shape = (self.n_kv_heads, cache_len, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -160,14 +177,13 @@ class Attention(nn.Module):
         batch, width = q.shape[:2]
         new_k = k.flatten(0, 1) if layout.valid is None else k[layout.valid]
         new_v = v.flatten(0, 1) if layout.valid is None else v[layout.valid]
-        self.k_cache[layout.write_slot, :, layout.write_pos] = new_k
-        self.v_cache[layout.write_slot, :, layout.write_pos] = new_v
-        if layout.slot_range is not None:
-            keys = self.k_cache[layout.slot_range, :, : layout.kv_len]
-            values = self.v_cache[layout.slot_range, :, : layout.kv_len]
-        else:
-            keys = self.k_cache[layout.slots, :, : layout.kv_len]
-            values = self.v_cache[layout.slots, :, : layout.kv_len]
+        self.k_cache[:, layout.write_index] = new_k.transpose(0, 1)
+        self.v_cache[:, layout.write_index] = new_v.transpose(0, 1)
+        if layout.span is not None:
+            keys, values = self.k_cache[None, :, layout.span], self.v_cache[None, :, layout.span]
+        else:  # gather each row's positions: [KV, B, kv_len, D] -> [B, KV, kv_len, D]
+            keys = self.k_cache[:, layout.index].transpose(0, 1)
+            values = self.v_cache[:, layout.index].transpose(0, 1)
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), keys, values, attn_mask=layout.mask,
             scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads,
@@ -226,20 +242,43 @@ class CausalLM(nn.Module):
         self.cos_table = torch.empty(0)
         self.sin_table = torch.empty(0)
         self.max_batch = self.max_len = 0
+        self.block_size, self.blocks_per_seq, self.num_blocks = BLOCK_SIZE, 0, 0
 
-    def setup_caches(self, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Allocate every layer's KV cache and the RoPE tables for positions < max_len."""
-        self.max_batch, self.max_len = max_batch, max_len
+    def setup_caches(self, max_batch: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                     num_blocks: int = 0, block_size: int = BLOCK_SIZE) -> None:
+        """Allocate every layer's paged KV cache and the RoPE tables for positions < max_len.
+
+        `num_blocks` blocks of `block_size` positions each; at least (and by default) enough for
+        `max_batch` sequences of `max_len` tokens each, so a running sequence never waits for a block.
+        Blocks beyond that keep more cached prefixes.
+        """
+        self.max_batch, self.max_len, self.block_size = max_batch, max_len, block_size
+        self.blocks_per_seq = -(-max_len // block_size)
+        needed = max_batch * self.blocks_per_seq
+        if num_blocks and num_blocks < needed:
+            raise ValueError(f"{num_blocks} KV-cache blocks cannot hold {max_batch} sequences of {max_len} tokens "
+                             f"({needed} blocks of {block_size})")
+        self.num_blocks = max(num_blocks, needed)
         for layer in self.model.layers.values():
             assert isinstance(layer, DecoderLayer)
-            layer.self_attn.setup_cache(max_batch, max_len, dtype, device)
+            layer.self_attn.setup_cache(self.num_blocks * block_size, dtype, device)
         freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(self.config))
         angles = torch.cat((freqs, freqs), dim=-1)
         self.cos_table, self.sin_table = angles.cos().to(device), angles.sin().to(device)
 
-    def layout(self, slots: Tensor, start_pos: Tensor, lengths: Tensor, dtype: torch.dtype) -> BatchLayout:
-        """The BatchLayout of a micro-batch for this stage's caches."""
-        return make_layout(self.cos_table, self.sin_table, slots, start_pos, lengths, dtype)
+    def layout(self, slots: Tensor, start_pos: Tensor, lengths: Tensor, dtype: torch.dtype,
+               blocks: Tensor | None = None) -> BatchLayout:
+        """The BatchLayout of a micro-batch for this stage's caches.
+
+        `blocks`: each row's block table (the engine's, runtime/kvblocks.py); without one, slot s owns
+        blocks s * blocks_per_seq onwards (a static cache of max_batch x max_len).
+        """
+        if blocks is None:
+            count = -(-int((start_pos + lengths).max()) // self.block_size)
+            blocks = slots[:, None] * self.blocks_per_seq + torch.arange(count, device=slots.device)
+        if blocks.numel() and not 0 <= int(blocks.min()) <= int(blocks.max()) < self.num_blocks:
+            raise ValueError(f"block ids {int(blocks.min())}..{int(blocks.max())} outside 0..{self.num_blocks - 1}")
+        return make_layout(self.cos_table, self.sin_table, blocks, start_pos, lengths, self.block_size, dtype)
 
     def forward(self, x: Tensor, layout: BatchLayout) -> Tensor:
         """Token ids [B, T] (first stage) or hidden states [B, T, D] in; hidden states out.

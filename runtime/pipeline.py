@@ -31,9 +31,10 @@ from largemodel.runtime.sampling import Sampler
 
 KIND_STEP, KIND_NOOP, KIND_SHUTDOWN = 0, 1, 2
 KINDS = (KIND_STEP, KIND_NOOP, KIND_SHUTDOWN)
-HEADER_LEN = 5  # kind, rows, width, flags, step age in microseconds
+HEADER_LEN = 6  # kind, rows, width, flags, step age in microseconds, block-table width
 FLAG_LOGITS, FLAG_FIRST, FLAG_LAST = 1, 2, 4  # return logits; first / last micro-batch of a step
-META_COLS = 7  # slot, start_pos, length, top_k, seed (-1: none), temperature bits, top_p bits
+# slot, start_pos, length, top_k, seed (-1: none), temperature bits, top_p bits, new sequence (0/1)
+META_COLS = 8
 
 
 class PlanError(ValueError):
@@ -51,6 +52,9 @@ class StageModel(Protocol):
     max_len: int
 
     def layout(self, slots: Tensor, start_pos: Tensor, lengths: Tensor, dtype: torch.dtype) -> Any: ...
+
+    # The native CausalLM also takes `blocks=` (each row's block table) and has `num_blocks`,
+    # `block_size` and `blocks_per_seq`: its KV cache is paged. A model without them keeps its own cache.
 
     def __call__(self, x: Tensor, layout: Any) -> Tensor: ...
 
@@ -82,6 +86,18 @@ class MicroBatch:
     first_of_step: bool = True
     last_of_step: bool = True
     step_age_us: int = 0  # time since the step started for the whole pipeline, when this was sent
+    # rows that start a new sequence past position 0 (after a cached prefix): their samplers restart
+    fresh: list[bool] = field(default_factory=list)
+    blocks: list[list[int]] = field(default_factory=list)  # each row's KV-cache block table (paged models)
+
+    def is_fresh(self, row: int) -> bool:
+        """Whether row `row` starts a new sequence: marked so, or at position 0."""
+        return self.start_pos[row] == 0 or (row < len(self.fresh) and self.fresh[row])
+
+    @property
+    def table_width(self) -> int:
+        """Blocks per row of the encoded block tables (rows padded to the longest)."""
+        return max((len(b) for b in self.blocks), default=0)
 
     @property
     def width(self) -> int:
@@ -97,12 +113,16 @@ class MicroBatch:
         """(header, payload) int64 tensors; the payload's size follows from the header."""
         rows, width = len(self.slots), self.width
         flags = FLAG_LOGITS * self.want_logits + FLAG_FIRST * self.first_of_step + FLAG_LAST * self.last_of_step
-        header = torch.tensor([self.kind, rows, width, flags, self.step_age_us], dtype=torch.int64)
+        table = self.table_width
+        header = torch.tensor([self.kind, rows, width, flags, self.step_age_us, table], dtype=torch.int64)
         meta = [[self.slots[i], self.start_pos[i], self.lengths[i], self.top_k[i],
                  -1 if self.seeds[i] is None else int(self.seeds[i] or 0),
-                 _float_bits(self.temperature[i]), _float_bits(self.top_p[i])] for i in range(rows)]
+                 _float_bits(self.temperature[i]), _float_bits(self.top_p[i]),
+                 int(i < len(self.fresh) and self.fresh[i])]
+                for i in range(rows)]
         padded = [t + [0] * (width - len(t)) for t in self.tokens]
-        flat = [x for m in meta for x in m] + [x for t in padded for x in t]
+        tables = [b + [0] * (table - len(b)) for b in self.blocks] if table else []  # padding reads are masked
+        flat = [x for m in meta for x in m] + [x for t in padded for x in t] + [x for b in tables for x in b]
         return header, torch.tensor(flat, dtype=torch.int64)
 
     @classmethod
@@ -116,7 +136,7 @@ class MicroBatch:
         size = payload_size(header)
         if payload.numel() != size:
             raise PlanError(f"payload has {payload.numel()} values, its header says {size}")
-        kind, rows, width, flags, age_us = header.tolist()
+        kind, rows, width, flags, age_us, table = header.tolist()
         values = payload.tolist()
         meta = [values[i * META_COLS:(i + 1) * META_COLS] for i in range(rows)]
         bad = [m[2] for m in meta if not 0 < m[2] <= width]
@@ -124,7 +144,10 @@ class MicroBatch:
             raise PlanError(f"row lengths {bad[:5]} outside 1..{width} (the header's width)")
         base = rows * META_COLS
         tokens = [values[base + i * width: base + i * width + m[2]] for i, m in enumerate(meta)]
+        base += rows * width
+        blocks = [values[base + i * table: base + (i + 1) * table] for i in range(rows)] if table else []
         return cls(
+            fresh=[bool(m[7]) for m in meta] if any(m[7] for m in meta) else [], blocks=blocks,
             kind=kind, slots=[m[0] for m in meta], start_pos=[m[1] for m in meta], lengths=[m[2] for m in meta],
             tokens=tokens, top_k=[m[3] for m in meta], seeds=[None if m[4] < 0 else m[4] for m in meta],
             temperature=[_bits_float(m[5]) for m in meta], top_p=[_bits_float(m[6]) for m in meta],
@@ -133,27 +156,32 @@ class MicroBatch:
         )
 
 
-def payload_size(header: Tensor, max_rows: int | None = None, max_width: int | None = None) -> int:
+def payload_size(header: Tensor, max_rows: int | None = None, max_width: int | None = None,
+                 max_blocks: int | None = None) -> int:
     """Number of int64 values in the payload that follows `header`.
 
     PlanError unless the header is one encode() can write: HEADER_LEN values, a known kind, known
     flags, a non-negative age, no rows in a control message, and (when given) at most `max_rows`
-    rows of at most `max_width` tokens, so a stray header cannot size an allocation.
+    rows of at most `max_width` tokens and `max_blocks` table blocks, so a stray header cannot size an
+    allocation.
     """
     values = header.tolist()
     if header.dim() != 1 or len(values) != HEADER_LEN:
         raise PlanError(f"header has shape {tuple(header.shape)}, expected ({HEADER_LEN},)")
-    kind, rows, width, flags, age_us = values
+    kind, rows, width, flags, age_us, table = values
     if kind not in KINDS:
         raise PlanError(f"header kind {kind} is not one of {KINDS}")
     if not 0 <= flags <= FLAG_LOGITS | FLAG_FIRST | FLAG_LAST or age_us < 0:
         raise PlanError(f"header flags {flags} or step age {age_us} us out of range")
-    if rows < 0 or width < 0 or (rows == 0) != (width == 0) or (kind != KIND_STEP and rows):
-        raise PlanError(f"header of kind {kind} with {rows} rows of width {width}")
+    if rows < 0 or width < 0 or (rows == 0) != (width == 0) or (kind != KIND_STEP and rows) or table < 0 \
+            or (table and not rows):
+        raise PlanError(f"header of kind {kind} with {rows} rows of width {width} and {table} table blocks")
+    if max_blocks is not None and table > max_blocks:
+        raise PlanError(f"header has block tables of {table} blocks; this stage takes at most {max_blocks}")
     if (max_rows is not None and rows > max_rows) or (max_width is not None and width > max_width):
         raise PlanError(f"header has {rows} rows of width {width}; this stage takes at most {max_rows} rows "
                         f"of {max_width}")
-    return rows * META_COLS + rows * width
+    return rows * META_COLS + rows * width + rows * table
 
 
 @dataclass
@@ -218,7 +246,8 @@ class StageIO:
             dog.step_begin()
         # The header's arrival anchors the step start; waiting for payload and hidden states is idle time.
         arrived = self.clock()
-        size = payload_size(header.cpu(), self.model.max_batch, self.model.max_len)
+        size = payload_size(header.cpu(), self.model.max_batch, self.model.max_len,
+                            getattr(self.model, "blocks_per_seq", 0))
         payload = torch.empty(size, dtype=torch.int64, device=device)
         if payload.numel():
             if ctx.pp_rank == 0:
@@ -275,7 +304,13 @@ def run_stage(model: StageModel, mb: MicroBatch, hidden: Tensor | None, ctx: Par
     else:
         x = hidden
     with torch.inference_mode():
-        out = model(x, model.layout(slots, start, lengths, dtype))
+        if mb.blocks:
+            table = mb.table_width  # rows padded as encode() pads them (padding reads are masked)
+            blocks = torch.tensor([b + [0] * (table - len(b)) for b in mb.blocks], dtype=torch.int64, device=device)
+            layout = model.layout(slots, start, lengths, dtype, blocks=blocks)  # type: ignore[call-arg]
+        else:
+            layout = model.layout(slots, start, lengths, dtype)
+        out = model(x, layout)
     metrics.STAGE_STEP_SECONDS.labels(stage=str(ctx.pp_rank), phase=mb.phase).observe(time.perf_counter() - began)
     return out
 
@@ -288,8 +323,8 @@ def finish_last_stage(ctx: ParallelContext, sampler: Sampler | None, mb: MicroBa
     """
     if ctx.tp_rank != 0 or sampler is None:
         return None
-    for slot, start, seed in zip(mb.slots, mb.start_pos, mb.seeds, strict=True):
-        if start == 0:
+    for row, (slot, seed) in enumerate(zip(mb.slots, mb.seeds, strict=True)):
+        if mb.is_fresh(row):
             sampler.reset(slot, seed)
     tokens = sampler.sample(logits, mb.slots, mb.temperature, mb.top_k, mb.top_p)
     if ctx.rank == 0:

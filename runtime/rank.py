@@ -190,9 +190,10 @@ def start_native(model_dir: Path, ctx: object, env: RankEnv, max_batch: int, max
     from largemodel.runtime.weights import build_stage, parse_dtype
 
     assert isinstance(ctx, ParallelContext)
-    model, _seconds = build_stage(model_dir, ctx, parse_dtype(env.model_dtype), ctx.device, max_batch, max_len)
+    model, _seconds = build_stage(model_dir, ctx, parse_dtype(env.model_dtype), ctx.device, max_batch, max_len,
+                                  num_blocks=int(getattr(env, "kv_cache_blocks", 0)))
     on_loaded()
     if ctx.rank != 0:
         worker_loop(model, ctx)
         return None
-    return Engine(model, ctx, micro_batches=env.micro_batches, on_fatal=_fatal)
+    return Engine(model, ctx, micro_batches=env.micro_batches, on_fatal=_fatal, prefix_cache=bool(getattr(env, "prefix_cache", True)))

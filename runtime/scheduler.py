@@ -64,6 +64,12 @@ class BatchEngine(Protocol):
 
     def result(self, ticket: Ticket) -> list[int]: ...
 
+    def start_sequence(self, slot: int, prompt: list[int]) -> int: ...
+
+    def end_sequence(self, slot: int) -> None: ...
+
+    def kv_usage(self) -> tuple[int, int]: ...
+
 
 @dataclass
 class SeqState:
@@ -123,8 +129,13 @@ class BatchPlanner:
     the ones it drops (cancelled) are returned for the caller to finish.
     """
 
-    def __init__(self, max_batch_size: int, lanes: int, min_lane_tokens: int, max_prefill_tokens: int) -> None:
+    def __init__(self, max_batch_size: int, lanes: int, min_lane_tokens: int, max_prefill_tokens: int,
+                 start_sequence: Callable[[int, list[int]], int] | None = None,
+                 end_sequence: Callable[[int], None] | None = None) -> None:
+        """`start_sequence(slot, prompt)`: the engine's KV blocks for a new sequence, returning how many
+        prompt tokens its prefix cache holds (the prefill starts there); `end_sequence(slot)` gives them back."""
         self.max_batch_size = max_batch_size
+        self.start_sequence, self.end_sequence = start_sequence, end_sequence
         self.min_lane_tokens = max(1, min_lane_tokens)
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: collections.deque[SeqState] = collections.deque()
@@ -168,9 +179,11 @@ class BatchPlanner:
         for seq in lane.seqs:
             prompt = seq.request.prompt_tokens
             if not seq.prefilled:
-                tokens, pos = list(prompt), 0
-            else:
-                tokens, pos = [seq.generated[-1]], len(prompt) + len(seq.generated) - 1
+                cached = self.start_sequence(seq.slot, list(prompt)) if self.start_sequence is not None else 0
+                inputs.append(SeqInput(slot=seq.slot, tokens=list(prompt[cached:]), start_pos=cached,
+                                       sampling=seq.request.sampling, new_sequence=True))
+                continue
+            tokens, pos = [seq.generated[-1]], len(prompt) + len(seq.generated) - 1
             inputs.append(SeqInput(slot=seq.slot, tokens=tokens, start_pos=pos, sampling=seq.request.sampling))
         return (LaneBatch(lane, list(lane.seqs), inputs) if inputs else None), dropped
 
@@ -191,6 +204,8 @@ class BatchPlanner:
         if self.running.get(seq.slot) is seq:
             del self.running[seq.slot]
             self.free_slots.append(seq.slot)
+            if self.end_sequence is not None:
+                self.end_sequence(seq.slot)
         for lane in self.lanes:
             if seq in lane.seqs:
                 lane.seqs.remove(seq)
@@ -277,7 +292,8 @@ class Scheduler:
         self._tokenizer = tokenizer
         # Bounds how much prefill work joins one step, so running streams keep a steady pace.
         self.planner = BatchPlanner(engine.max_batch_size, engine.micro_batches, engine.min_micro_batch_tokens,
-                                    max_prefill_tokens or max(2048, engine.max_model_len))
+                                    max_prefill_tokens or max(2048, engine.max_model_len),
+                                    engine.start_sequence, engine.end_sequence)
         self.post = Postprocessor(engine.eos_token_ids, engine.max_model_len)
         self._cond = threading.Condition()
         self._stopping = False
@@ -445,5 +461,9 @@ class Scheduler:
         running = self.planner.running.values()
         metrics.REQUESTS_WAITING.set(len(self.planner.waiting))
         metrics.REQUESTS_RUNNING.set(len(running))
-        used = sum(len(s.request.prompt_tokens) + len(s.generated) for s in running)
-        metrics.KV_CACHE_USAGE.set(used / (self.max_batch_size * self.max_model_len))
+        used_blocks, total_blocks = self.engine.kv_usage()
+        if total_blocks:  # paged cache: the blocks running sequences hold
+            metrics.KV_CACHE_USAGE.set(used_blocks / total_blocks)
+        else:
+            used = sum(len(s.request.prompt_tokens) + len(s.generated) for s in running)
+            metrics.KV_CACHE_USAGE.set(used / (self.max_batch_size * self.max_model_len))

@@ -138,7 +138,7 @@ class KernelAttention(FusedAttention):
         if width == 1 and layout.valid is None and cpu_kernels.decode_attention_ready(x):
             assert self.k_cache is not None and self.v_cache is not None, "setup_cache() first"
             out = cpu_kernels.decode_attention(self.qkv_proj(x).view(batch, -1), layout.cos, layout.sin,
-                                               self.k_cache, self.v_cache, layout.write_slot, layout.write_pos,
+                                               self.k_cache, self.v_cache, layout.index, layout.write_pos,
                                                self.n_heads, self.n_kv_heads, self.head_dim**-0.5)
             return self.o_proj(out.view(batch, 1, -1))
         return super().forward(x, layout)

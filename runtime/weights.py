@@ -174,14 +174,18 @@ def empty_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype,
 
 
 def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
-                max_batch: int, max_len: int) -> tuple[CausalLM, float]:
-    """This rank's stage model with weights loaded and KV caches allocated; returns (model, seconds)."""
+                max_batch: int, max_len: int, num_blocks: int = 0) -> tuple[CausalLM, float]:
+    """This rank's stage model with weights loaded and KV caches allocated; returns (model, seconds).
+
+    `num_blocks`: KV-cache blocks (model.BLOCK_SIZE tokens each); 0 or too few for max_batch x max_len
+    means exactly that many (CausalLM.setup_caches).
+    """
     began = time.perf_counter()
     if device.type == "cpu":
         cpu_kernels.load()  # the decode GEMV kernel: built once per machine, logged, optional
     model, config, shards = empty_stage(model_dir, ctx, dtype, device)
     nbytes = load_weights(model, config, Path(model_dir), shards)
-    model.setup_caches(max_batch, max_len, dtype, device)
+    model.setup_caches(max_batch, max_len, dtype, device, num_blocks=num_blocks)
     seconds = time.perf_counter() - began
     # Issue 17: the load rate per rank (bytes of its shard over the whole build), also in status.
     metrics.MODEL_LOAD_BYTES.labels(rank=str(ctx.rank)).set(nbytes)

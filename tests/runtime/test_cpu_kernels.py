@@ -131,27 +131,31 @@ def _attention(heads: int, kv_heads: int, head_dim: int, bias: bool, dtype: torc
                          [(8, 2, 64, False), (4, 1, 24, True), (3, 3, 16, False), (16, 4, 128, False)])
 def test_decode_attention_matches_the_tensor_op_path(kernel: Any, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype,
                                                      heads: int, kv_heads: int, head_dim: int, bias: bool) -> None:
-    """Prefill four prompts of different lengths into scattered cache slots, then run decode steps of one
-    to four rows with the kernel and with the model's tensor-op attention (same projections): outputs
-    agree and the caches are bit-identical."""
+    """Prefill four prompts of different lengths into scattered, shuffled cache blocks (the paged cache's
+    block tables), then run decode steps of one to four rows with the kernel and with the model's tensor-op
+    attention (same projections): outputs agree and the caches are bit-identical."""
     attn = _attention(heads, kv_heads, head_dim, bias, dtype)
     max_len = 160
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), rope_inv_freq(attn_config(heads, kv_heads,
                                                                                              head_dim)))
     cos, sin = torch.cat((freqs, freqs), -1).cos(), torch.cat((freqs, freqs), -1).sin()
-    slots, lengths = torch.tensor([5, 0, 3, 6]), torch.tensor([1, 40, 130, 7])
+    block, per_row = 16, max_len // 16
+    # four rows' block tables: disjoint, out of order, not starting at 0
+    tables = torch.randperm(8 * per_row, generator=torch.Generator().manual_seed(7))[:4 * per_row].view(4, per_row)
+    lengths = torch.tensor([1, 40, 130, 7])
     prompt = torch.randn(4, int(lengths.max()), heads * head_dim, generator=torch.Generator().manual_seed(1))
     runs = {}
     with torch.inference_mode():
         for use_kernel in (False, True):
-            attn.setup_cache(8, max_len, dtype, torch.device("cpu"))
+            attn.setup_cache(8 * max_len, dtype, torch.device("cpu"))
             with cpu_kernels.disabled():  # the same prefill for both
-                attn(prompt.to(dtype), make_layout(cos, sin, slots, torch.zeros(4, dtype=torch.long), lengths, dtype))
+                attn(prompt.to(dtype), make_layout(cos, sin, tables, torch.zeros(4, dtype=torch.long), lengths, block,
+                                                   dtype))
             position, outs = lengths.clone(), []
             for step, rows in enumerate(([2], [0, 3, 1], [1, 2, 0, 3], [3], [0, 1])):
                 pick = torch.tensor(rows)
-                layout = make_layout(cos, sin, slots[pick], position[pick], torch.ones(len(rows), dtype=torch.long),
-                                     dtype)
+                layout = make_layout(cos, sin, tables[pick], position[pick], torch.ones(len(rows), dtype=torch.long),
+                                     block, dtype)
                 token = torch.randn(len(rows), 1, heads * head_dim, generator=torch.Generator().manual_seed(step))
                 with monkeypatch.context() as patch:
                     if not use_kernel:
@@ -175,16 +179,21 @@ def attn_config(heads: int, kv_heads: int, head_dim: int) -> ModelConfig:
 
 def test_decode_attention_refuses_bad_inputs(kernel: Any) -> None:
     """A bad call raises (the engine reports it) and writes nothing into the cache."""
-    k = torch.zeros(2, 1, 8, 16)
+    k = torch.zeros(1, 16, 16)  # [kv_heads, cache_len, head_dim]
     qkv, cos = torch.randn(2, 3 * 16), torch.ones(2, 16)
-    with pytest.raises(RuntimeError, match="appears twice"):
-        cpu_kernels.decode_attention(qkv, cos, cos, k, k.clone(), torch.tensor([1, 1]), torch.tensor([0, 1]), 1, 1, 1.0)
+    with pytest.raises(RuntimeError, match="written twice"):
+        cpu_kernels.decode_attention(qkv, cos, cos, k, k.clone(), torch.tensor([[1, 2], [3, 1]]), torch.tensor([0, 1]),
+                                     1, 1, 1.0)
+    with pytest.raises(RuntimeError, match="outside the index"):
+        cpu_kernels.decode_attention(qkv, cos, cos, k, k.clone(), torch.tensor([[0, 1], [2, 3]]), torch.tensor([0, 2]),
+                                     1, 1, 1.0)
     with pytest.raises(RuntimeError, match="out of range"):
-        cpu_kernels.decode_attention(qkv, cos, cos, k, k.clone(), torch.tensor([0, 1]), torch.tensor([0, 8]), 1, 1, 1.0)
-    k2 = torch.zeros(2, 2, 8, 16)
+        cpu_kernels.decode_attention(qkv, cos, cos, k, k.clone(), torch.tensor([[0, 1], [16, 3]]), torch.tensor([0, 1]),
+                                     1, 1, 1.0)
+    k2 = torch.zeros(2, 16, 16)
     with pytest.raises(RuntimeError, match="cannot share"):
-        cpu_kernels.decode_attention(torch.randn(2, 7 * 16), cos, cos, k2, k2.clone(), torch.tensor([0, 1]),
-                                     torch.tensor([0, 1]), 3, 2, 1.0)
+        cpu_kernels.decode_attention(torch.randn(2, 7 * 16), cos, cos, k2, k2.clone(), torch.tensor([[0], [1]]),
+                                     torch.tensor([0, 0]), 3, 2, 1.0)
     assert not k.any() and not k2.any()
 
 

@@ -3,7 +3,8 @@
 One world per (tp, pp); inside it, every model variant the split allows is loaded in turn and
 driven with continuous batching (a prompt joins while two others decode). Greedy tokens must
 equal transformers `generate` token for token; first-step logits must match to fp32 tolerance;
-seeded sampling must give the same tokens on every split.
+seeded sampling must give the same tokens on every split; with the prefix cache on, requests that
+start after a cached prefix generate what they do with it off.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def test_world_matches_transformers(tp: int, pp: int, checkpoints: dict[str, Any
     spec = {
         "models": [{"name": v.name, "dir": checkpoints["models"][v.name]["dir"]} for v in variants],
         "prompts": checkpoints["prompts"], "samplings": SAMPLINGS,
-        "micro_batches": 3, "out": str(tmp_path / "out.json"),
+        "micro_batches": 3, "out": str(tmp_path / "out.json"), "prefix": True,
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     codes = run_world(tp, pp, "world_main.py", [str(tmp_path / "spec.json")], timeout_s=100, log_dir=tmp_path)
@@ -45,6 +46,13 @@ def test_world_matches_transformers(tp: int, pp: int, checkpoints: dict[str, Any
             assert c["calls"] == c["forwards"] * (2 * results[v.name]["stage0_layers"] + 1), c
             assert c["bytes"] > 0 and c["bytes"] % 4 == 0, c
             assert 0 < c["timed"] <= c["calls"] // 16 + 1, c
+        # Prefix cache (issue 18): two requests started together after a 37-token prefix (two full blocks,
+        # then mid-block) that a running one left cached generate what they do with the cache off.
+        prefix = results[v.name]["prefix"]
+        assert prefix["on"]["cached"] == [0, 32, 32] and prefix["off"]["cached"] == [0, 0, 0], prefix
+        assert prefix["on"]["tokens"] == prefix["off"]["tokens"], f"{v.name} tp={tp} pp={pp}: prefix cache changed tokens"
+        torch.testing.assert_close(torch.tensor(prefix["on"]["logits"]), torch.tensor(prefix["off"]["logits"]),
+                                   atol=1e-4, rtol=1e-4)
         seeded = results[v.name]["seeded"]["tokens"]
         assert seeded == seeded_single_process[v.name], f"{v.name}: seeded sampling differs from tp=1,pp=1"
         # Sampling really sampled: the seeded run leaves the greedy path somewhere.

@@ -45,13 +45,14 @@ def bubble_gauge() -> float | None:
 
 
 def test_encode_writes_the_documented_layout() -> None:
-    """Header: kind, rows, width, flags (logits 1 | first 2 | last 4), age. Payload: META_COLS per row
-    (slot, start, length, top_k, seed or -1, float bits of temperature and top_p), then tokens padded to width."""
+    """Header: kind, rows, width, flags (logits 1 | first 2 | last 4), age, block-table width. Payload: META_COLS
+    per row (slot, start, length, top_k, seed or -1, float bits of temperature and top_p, new sequence), then
+    tokens padded to width, then the block tables (none here)."""
     header, payload = prefill_mb().encode()
     assert header.dtype == payload.dtype == torch.int64
-    assert header.tolist() == [KIND_STEP, 2, 3, 1 | 4, 1234]
-    assert payload.tolist() == [3, 0, 3, 0, -1, 0, ONE,
-                                0, 5, 1, 40, 0, POINT_SEVEN, POINT_NINE,
+    assert header.tolist() == [KIND_STEP, 2, 3, 1 | 4, 1234, 0]
+    assert payload.tolist() == [3, 0, 3, 0, -1, 0, ONE, 0,
+                                0, 5, 1, 40, 0, POINT_SEVEN, POINT_NINE, 0,
                                 11, 12, 13,
                                 14, 0, 0]
     assert payload_size(header) == payload.numel() == 2 * META_COLS + 2 * 3
@@ -71,7 +72,7 @@ def test_decode_phase_round_trip_and_extreme_values() -> None:
                     top_k=[2**31 - 1, 1, 0], seeds=[2**63 - 1, None, 1], temperature=[5e-324, 1e300, 0.1],
                     top_p=[1e-9, 0.5, 1.0], step_age_us=2**62)
     header, payload = mb.encode()
-    assert header.tolist() == [KIND_STEP, 3, 1, 2 | 4, 2**62]
+    assert header.tolist() == [KIND_STEP, 3, 1, 2 | 4, 2**62, 0]
     back = MicroBatch.decode(header, payload)
     assert back == mb and (back.width, back.phase) == (1, "decode")
     assert payload_size(header) == payload.numel() == 3 * (META_COLS + 1)
@@ -89,7 +90,7 @@ def test_every_flag_combination_round_trips(flags: int) -> None:
 def test_control_messages_have_no_payload(kind: int) -> None:
     mb = MicroBatch.control(kind)
     header, payload = mb.encode()
-    assert header.tolist() == [kind, 0, 0, 2 | 4, 0]
+    assert header.tolist() == [kind, 0, 0, 2 | 4, 0, 0]
     assert payload.numel() == payload_size(header) == 0 and payload.dtype == torch.int64
     back = MicroBatch.decode(header, payload)
     assert back == mb and back.slots == [] and (back.width, back.phase) == (0, "decode")
@@ -101,18 +102,18 @@ def header(*values: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("bad, why", [
     (header(KIND_STEP, 1, 1, 6), "shape (4,)"),
-    (header(KIND_STEP, 1, 1, 6, 0, 0), "shape (6,)"),
-    (torch.zeros(1, HEADER_LEN, dtype=torch.int64), "shape (1, 5)"),
-    (header(3, 1, 1, 6, 0), "kind 3"),
-    (header(-1, 1, 1, 6, 0), "kind -1"),
-    (header(KIND_STEP, 1, 1, 8, 0), "flags 8"),
-    (header(KIND_STEP, 1, 1, -1, 0), "flags -1"),
-    (header(KIND_STEP, 1, 1, 6, -5), "step age -5"),
-    (header(KIND_STEP, -1, 1, 6, 0), "-1 rows"),
-    (header(KIND_STEP, 1, -3, 6, 0), "width -3"),
-    (header(KIND_STEP, 2, 0, 6, 0), "2 rows of width 0"),
-    (header(KIND_STEP, 0, 4, 6, 0), "0 rows of width 4"),
-    (header(KIND_NOOP, 1, 1, 6, 0), "kind 1 with 1 rows"),
+    (header(KIND_STEP, 1, 1, 6, 0, 0, 0), "shape (7,)"),
+    (torch.zeros(1, HEADER_LEN, dtype=torch.int64), "shape (1, 6)"),
+    (header(3, 1, 1, 6, 0, 0), "kind 3"),
+    (header(-1, 1, 1, 6, 0, 0), "kind -1"),
+    (header(KIND_STEP, 1, 1, 8, 0, 0), "flags 8"),
+    (header(KIND_STEP, 1, 1, -1, 0, 0), "flags -1"),
+    (header(KIND_STEP, 1, 1, 6, -5, 0), "step age -5"),
+    (header(KIND_STEP, -1, 1, 6, 0, 0), "-1 rows"),
+    (header(KIND_STEP, 1, -3, 6, 0, 0), "width -3"),
+    (header(KIND_STEP, 2, 0, 6, 0, 0), "2 rows of width 0"),
+    (header(KIND_STEP, 0, 4, 6, 0, 0), "0 rows of width 4"),
+    (header(KIND_NOOP, 1, 1, 6, 0, 0), "kind 1 with 1 rows"),
 ])
 def test_payload_size_rejects_a_header_encode_cannot_write(bad: torch.Tensor, why: str) -> None:
     with pytest.raises(PlanError, match=re.escape(why)):
@@ -121,20 +122,40 @@ def test_payload_size_rejects_a_header_encode_cannot_write(bad: torch.Tensor, wh
 
 def test_payload_size_bounds_rows_and_width() -> None:
     """A stage passes its batch and length limits, so a stray header cannot size a huge allocation."""
-    assert payload_size(header(KIND_STEP, 8, 64, 6, 0), max_rows=8, max_width=64) == 8 * (META_COLS + 64)
+    assert payload_size(header(KIND_STEP, 8, 64, 6, 0, 0), max_rows=8, max_width=64) == 8 * (META_COLS + 64)
     with pytest.raises(PlanError, match="9 rows of width 1; this stage takes at most 8 rows of 64"):
-        payload_size(header(KIND_STEP, 9, 1, 6, 0), max_rows=8, max_width=64)
+        payload_size(header(KIND_STEP, 9, 1, 6, 0, 0), max_rows=8, max_width=64)
     with pytest.raises(PlanError, match="1 rows of width 65"):
-        payload_size(header(KIND_STEP, 1, 65, 6, 0), max_rows=8, max_width=64)
+        payload_size(header(KIND_STEP, 1, 65, 6, 0, 0), max_rows=8, max_width=64)
     with pytest.raises(PlanError, match="2 rows of width 1099511627776"):
-        payload_size(header(KIND_STEP, 2, 2**40, 6, 0), max_rows=8, max_width=64)
+        payload_size(header(KIND_STEP, 2, 2**40, 6, 0, 0), max_rows=8, max_width=64)
+
+
+def test_block_tables_and_new_sequence_marks_round_trip() -> None:
+    """Paged models: each row's block table follows the tokens, padded to the longest table; a row marked
+    as a new sequence past position 0 (after a cached prefix) comes back marked."""
+    mb = prefill_mb(start_pos=[32, 5], blocks=[[7, 2, 9], [4]], fresh=[True, False])
+    head, payload = mb.encode()
+    assert head.tolist() == [KIND_STEP, 2, 3, 1 | 4, 1234, 3]
+    assert payload.tolist()[2 * META_COLS + 6:] == [7, 2, 9, 4, 0, 0]
+    assert payload.tolist()[META_COLS - 1] == 1 and payload.tolist()[2 * META_COLS - 1] == 0
+    back = MicroBatch.decode(head, payload)
+    assert back.blocks == [[7, 2, 9], [4, 0, 0]] and back.fresh == [True, False]
+    assert back.is_fresh(0) and not back.is_fresh(1)
+    assert payload_size(head, max_rows=2, max_width=3, max_blocks=3) == payload.numel()
+    with pytest.raises(PlanError, match="block tables of 3 blocks; this stage takes at most 2"):
+        payload_size(head, max_rows=2, max_width=3, max_blocks=2)
+    with pytest.raises(PlanError, match="-1 table blocks"):
+        payload_size(header(KIND_STEP, 1, 1, 6, 0, -1))
+    with pytest.raises(PlanError, match="0 rows of width 0 and 2 table blocks"):
+        payload_size(header(KIND_NOOP, 0, 0, 6, 0, 2))
 
 
 def test_decode_rejects_a_payload_that_does_not_match_its_header() -> None:
     head, payload = prefill_mb().encode()
-    with pytest.raises(PlanError, match="payload has 19 values, its header says 20"):
+    with pytest.raises(PlanError, match="payload has 21 values, its header says 22"):
         MicroBatch.decode(head, payload[:-1])
-    with pytest.raises(PlanError, match="payload has 21 values, its header says 20"):
+    with pytest.raises(PlanError, match="payload has 23 values, its header says 22"):
         MicroBatch.decode(head, torch.cat([payload, payload[:1]]))
     for length in (0, 4, -1):  # row 1's length column: must lie in 1..width (3)
         corrupt = payload.clone()
@@ -207,12 +228,12 @@ def test_send_next_stamps_the_age_on_its_clock_and_sends_to_the_next_stage() -> 
     assert mb.step_age_us == 1_250_000 and io.pending_dst == 1 and len(io.pending_sends) == 3
     (s0, d0, head), (_, d1, payload), (_, d2, sent_hidden) = wire.sent
     assert (s0, d0, d1, d2) == (0, 1, 1, 1)
-    assert head.tolist() == [KIND_STEP, 2, 3, 5, 1_250_000] and payload.tolist() == mb.encode()[1].tolist()
+    assert head.tolist() == [KIND_STEP, 2, 3, 5, 1_250_000, 0] and payload.tolist() == mb.encode()[1].tolist()
     assert torch.equal(sent_hidden, hidden)
     clock.advance(0.5)
     io.send_next(MicroBatch.control(KIND_NOOP), None)  # waits for the step's three sends first
     assert ctx.waits == [("send", 1)] * 3 and len(io.pending_sends) == 1
-    assert wire.sent[-1][2].tolist() == [KIND_NOOP, 0, 0, 6, 0]  # control messages carry no age
+    assert wire.sent[-1][2].tolist() == [KIND_NOOP, 0, 0, 6, 0, 0]  # control messages carry no age
     io.wait_sends()
     assert ctx.waits == [("send", 1)] * 4 and io.pending_sends == []
 
@@ -230,9 +251,9 @@ def test_share_plan_stamps_and_broadcasts_header_then_payload(monkeypatch: pytes
     io.start_step(5.0)
     mb = prefill_mb()
     io.share_plan(mb)
-    assert seen == [[KIND_STEP, 2, 3, 5, 2_000_000], mb.encode()[1].tolist()]
+    assert seen == [[KIND_STEP, 2, 3, 5, 2_000_000, 0], mb.encode()[1].tolist()]
     io.share_plan(MicroBatch.control(KIND_SHUTDOWN))
-    assert seen[2:] == [[KIND_SHUTDOWN, 0, 0, 6, 0]]  # nothing to broadcast after an empty header
+    assert seen[2:] == [[KIND_SHUTDOWN, 0, 0, 6, 0, 0]]  # nothing to broadcast after an empty header
 
 
 def test_receive_anchors_the_step_at_arrival_minus_age() -> None:
@@ -265,7 +286,7 @@ def test_receive_anchors_the_step_at_arrival_minus_age() -> None:
 def test_receive_rejects_a_header_beyond_the_stage_limits_before_the_payload() -> None:
     wire = Wire()
     receiver, _ = stage_io(1, FakeClock(), wire)  # TimedStage: max_batch 8, max_len 64
-    wire.put(0, 1, 0.0, header(KIND_STEP, 9, 2, 6, 0))
+    wire.put(0, 1, 0.0, header(KIND_STEP, 9, 2, 6, 0, 0))
     wire.put(0, 1, 0.0, torch.zeros(9 * (META_COLS + 2), dtype=torch.int64))
     with pytest.raises(PlanError, match="9 rows of width 2; this stage takes at most 8 rows of 64"):
         receiver.receive()

@@ -57,6 +57,9 @@ class FakeEngine:
         self._pending: dict[Ticket, list[int]] = {}
         self._gate = threading.Semaphore(0) if gated else None
         self._lock = threading.Lock()
+        self.cached_prefix = 0  # what start_sequence says the prefix cache holds
+        self.started: list[tuple[int, list[int]]] = []
+        self.ended: list[int] = []
 
     def validate(self, batch: list[SeqInput]) -> None:
         slots = [s.slot for s in batch]
@@ -87,6 +90,16 @@ class FakeEngine:
             raise RuntimeError("peer lost")
         with self._lock:
             return self._pending.pop(ticket)
+
+    def start_sequence(self, slot: int, prompt: list[int]) -> int:
+        self.started.append((slot, list(prompt)))
+        return self.cached_prefix
+
+    def end_sequence(self, slot: int) -> None:
+        self.ended.append(slot)
+
+    def kv_usage(self) -> tuple[int, int]:
+        return (len(self.started) - len(self.ended), 4 * self.max_batch_size)
 
     @property
     def pending(self) -> int:
@@ -169,6 +182,28 @@ def test_concurrent_requests_go_to_the_engine_in_one_batch() -> None:
         assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 5
     assert counter("largemodel_batch_sequences_count") - before[0] == 5
     assert counter("largemodel_batch_sequences_sum") - before[1] == 30
+
+
+def test_a_cached_prefix_is_skipped_and_its_blocks_go_back_when_the_request_ends() -> None:
+    """The engine's prefix cache holds the first 16 prompt tokens: the prefill sends only the rest, marked as
+    a new sequence; the finished request's slot is handed back to the engine."""
+    engine = FakeEngine(max_batch_size=2)
+    engine.cached_prefix = 16
+    prompt = [(3 + i) % VOCAB for i in range(20)]
+
+    async def body(scheduler: Scheduler) -> list[Chunk]:
+        stream = scheduler.submit(request(prompt, 3, ignore_eos=True))
+        scheduler.start()
+        return await collect(stream)
+
+    chunks = with_scheduler(engine, body)
+    first = engine.batches[0][0]
+    assert engine.started == [(first.slot, prompt)]
+    assert (first.start_pos, first.tokens, first.new_sequence) == (16, prompt[16:], True)
+    second = engine.batches[1][0]
+    assert (second.start_pos, second.new_sequence) == (20, False)
+    assert tokens_of(chunks) == [(prompt[-1] + k) % VOCAB for k in range(1, 4)]
+    assert engine.ended == [first.slot]
 
 
 def test_a_new_request_joins_the_running_batch_at_the_next_step() -> None:

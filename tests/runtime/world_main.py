@@ -42,6 +42,38 @@ def drive(engine: Engine, prompts: list[list[int]], new_tokens: int, sampling: S
     return {"tokens": [out[i] for i in range(3)], "logits": [all_logits[i] for i in range(3)]}
 
 
+def prefix_prompts(prompts: list[list[int]]) -> list[list[int]]:
+    """Three prompts sharing their first 37 tokens (two full 16-token blocks, then mid-block), different after."""
+    pool = [t for p in prompts for t in p] * 4
+    shared = pool[:37]
+    return [shared + pool[40:43], shared + pool[50:53], shared + pool[60:65]]
+
+
+def drive_prefix(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
+    """Greedy, the scheduler's way with the prefix cache: prompt 0 runs first; prompts 1 and 2 then start
+    together after the prefix it left cached while it decodes. Returns tokens, first logits, cached counts."""
+    greedy = SamplingParams()
+    out: dict[int, list[int]] = {}
+    cached = [engine.start_sequence(0, prompts[0])]
+    first, logits = engine.step_with_logits([SeqInput(0, prompts[0][cached[0]:], cached[0], greedy, True)])
+    out[0], all_logits = [first[0]], {0: logits[0].tolist()}
+    cached += [engine.start_sequence(i, prompts[i]) for i in (1, 2)]
+    batch = [SeqInput(0, [out[0][-1]], len(prompts[0]), greedy)]
+    batch += [SeqInput(i, prompts[i][cached[i]:], cached[i], greedy, True) for i in (1, 2)]
+    toks, logits = engine.step_with_logits(batch)
+    out[0].append(toks[0])
+    for row, i in ((1, 1), (2, 2)):
+        out[i], all_logits[i] = [toks[row]], logits[row].tolist()
+    while any(len(v) < new_tokens for v in out.values()):
+        live = [i for i in out if len(out[i]) < new_tokens]
+        toks = engine.step([SeqInput(i, [out[i][-1]], len(prompts[i]) + len(out[i]) - 1, greedy) for i in live])
+        for i, t in zip(live, toks, strict=True):
+            out[i].append(t)
+    for i in out:
+        engine.end_sequence(i)
+    return {"tokens": [out[i] for i in range(3)], "logits": [all_logits[i] for i in range(3)], "cached": cached}
+
+
 def collective_counts() -> dict[str, float]:
     """This process's all-reduce calls/bytes/timed samples (TP group) and stage-0 forwards so far."""
     from prometheus_client import REGISTRY
@@ -81,6 +113,14 @@ def main() -> int:
             name: drive(engine, spec["prompts"], run["new_tokens"], SamplingParams(**run["params"]))
             for name, run in spec["samplings"].items()
         }
+        if spec.get("prefix") and engine.blocks is not None:
+            # The same requests with the prefix cache on and off: the outputs must not change.
+            shared = prefix_prompts(spec["prompts"])
+            on = drive_prefix(engine, shared, 8)
+            engine.blocks.prefix_cache = False
+            off = drive_prefix(engine, shared, 8)
+            engine.blocks.prefix_cache = True
+            results[entry["name"]]["prefix"] = {"on": on, "off": off}
         if spec.get("idle_s"):
             # Longer than the process-group timeout: only the engine's heartbeat keeps the group alive.
             time.sleep(spec["idle_s"])
