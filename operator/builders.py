@@ -2,7 +2,7 @@
 
 Nothing here talks to the API server; the reconcile loop diffs these dicts against what exists.
 
-Decisions the DESIGN leaves open, made here:
+Decisions made here (docs/OPERATOR.md#pods says why):
 - Stage label. A StatefulSet template cannot give pods different labels, so the pipeline stage
   of a pod is the `apps.kubernetes.io/pod-index` label Kubernetes (>= 1.28) sets on StatefulSet
   pods; NODE_RANK and LWS_WORKER_INDEX come from it through the downward API, and the client

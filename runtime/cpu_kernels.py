@@ -4,7 +4,7 @@ A decode step multiplies a handful of activation rows by every weight matrix onc
 as fast as the weights stream from memory. torch's F.linear for one row goes to MKL's GEMV (fp32) or
 oneDNN (bf16), which on AVX-512 AMD Zen 4 machines streamed at about half the bus bandwidth where
 `small_linear` streamed at close to it (docs/PERFORMANCE.md, "Engine"); on an AVX2 Zen 3 host the two
-measured about equal at one thread (docs/PERFORMANCE.md, issue 16). Once the matmuls are that
+measured about equal at one thread (docs/PERFORMANCE.md, "Engine", run C1). Once the matmuls are that
 fast, the small tensor ops between them are a fifth of a step: `rms_norm`/`add_rms_norm`, `silu_mul`
 and `decode_attention` (RoPE + cache write + attention of one decode token) do in four calls per layer
 what about thirty torch ops did, with torch's arithmetic.
