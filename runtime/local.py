@@ -185,8 +185,14 @@ def _start_node(group: envcontract.RankGroupEnv, stage: int, grace_s: float,
     env[DRAIN_GRACE_ENV] = str(grace_s)
     env[RUN_PID_ENV] = str(os.getpid())  # a stage stops its ranks if this process dies without stopping it
     env["PYTHONSAFEPATH"] = "1"
-    # Ranks share this machine's cores: one thread each unless the user said otherwise.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // (group.tp * group.pp))))
+    # The cores are split over the TP ranks of a stage, which compute at the same time; pipeline stages
+    # each get that whole share: at batch 1 only one stage computes at a time, and the waiting one's
+    # threads sleep (OMP_WAIT_POLICY=PASSIVE) instead of spinning on the cores it needs. Measured on the
+    # 2-core host (examples/smollm2-local.yaml, pp=2): batch-1 decode 12.3-12.5 -> 16.5-20.3 tok/s
+    # (pipeline 1: 19-21), 16 streams 75-79 -> 85-87 tok/s (docs/PERFORMANCE.md, peers.py).
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // group.tp)))
+    if group.pp > 1:
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cmd = [sys.executable, "-m", "largemodel.operator.cli", "rank"]
     log.info("run.start_node stage=%d metrics_port=%s", stage, env[envcontract.METRICS_PORT])
     return subprocess.Popen(cmd, env=env, start_new_session=True)
