@@ -74,7 +74,8 @@ class BatchLayout:
     write_index: Tensor  # [N] cache index of each real token
     write_pos: Tensor  # [N] position of each real token
     kv_len: int
-    mask: Tensor | None  # [B, 1, T, kv_len] keys each query may see; None for one decode token
+    mask: Tensor | None  # [B, 1, T, kv_len] keys each query may see; None for one decode token or `causal`
+    causal: bool  # every row is a whole prompt from position 0, unpadded: attention is plain causal
     cos: Tensor  # [B, T, 1, head_dim]
     sin: Tensor
     last: Tensor  # [B] index of each row's last real token
@@ -102,8 +103,11 @@ def make_layout(cos_table: Tensor, sin_table: Tensor, blocks: Tensor, start_pos:
         write_index, write_pos = index.gather(1, positions).reshape(-1), positions.reshape(-1)
     else:
         write_index, write_pos = index.gather(1, clamped_pos)[valid], positions[valid]
+    # Whole unpadded prompts from position 0 need no mask: SDPA's causal mode skips the keys above the
+    # diagonal instead of masking them (about half of a long prefill's attention work).
+    causal = width > 1 and valid is None and not bool(start_pos.any())
     mask = None
-    if not (batch == 1 and width == 1):
+    if not (batch == 1 and width == 1) and not causal:
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None]
     span = None
     if batch == 1:
@@ -113,7 +117,7 @@ def make_layout(cos_table: Tensor, sin_table: Tensor, blocks: Tensor, start_pos:
     clamped = positions.clamp(max=cos_table.shape[0] - 1)
     return BatchLayout(
         index=index, span=span, valid=valid, write_index=write_index, write_pos=write_pos, kv_len=kv_len,
-        mask=mask, cos=cos_table[clamped].to(dtype)[:, :, None, :], sin=sin_table[clamped].to(dtype)[:, :, None, :],
+        mask=mask, causal=causal, cos=cos_table[clamped].to(dtype)[:, :, None, :], sin=sin_table[clamped].to(dtype)[:, :, None, :],
         last=lengths - 1,
     )
 
@@ -185,7 +189,7 @@ class Attention(nn.Module):
             keys = self.k_cache[:, layout.index].transpose(0, 1)
             values = self.v_cache[:, layout.index].transpose(0, 1)
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys, values, attn_mask=layout.mask,
+            q.transpose(1, 2), keys, values, attn_mask=layout.mask, is_causal=layout.causal,
             scale=self.head_dim**-0.5, enable_gqa=self.n_heads != self.n_kv_heads,
         )
         return out.transpose(1, 2).reshape(batch, width, self.n_heads * self.head_dim)
