@@ -30,7 +30,7 @@ from tests.support.grafana import load_dashboards, panel_queries, query_variable
 from tests.support.operator_target import OperatorTarget, running_operator_target
 from tests.support.promserver import Prometheus, ScrapeTarget, running_prometheus
 from tests.support.rankgroup import RankGroup, running_rank_group
-from tests.support.tinymodel import build_tiny_llama
+from tests.support.tiny_models import build_tiny_llama
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 from largemodel.operator.builders import LABEL_NAME  # noqa: E402
 from tests.support.mockcluster import apps_path, core_path, lm_path, running_cluster  # noqa: E402
 from tests.support.operatorrun import wait_for  # noqa: E402
-from tests.support.tinymodel import build_tiny_llama  # noqa: E402
+from tests.support.tiny_models import build_tiny_llama  # noqa: E402
 from tests.support.world import write_largemodel  # noqa: E402
 
 NS = "models"
