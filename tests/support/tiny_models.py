@@ -80,7 +80,7 @@ def build_checkpoint(variant: TinyModel, directory: Path, seed: int = 0) -> Path
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    common = dict(max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.08, eos_token_id=2,
+    common: dict[str, Any] = dict(max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.08, eos_token_id=2,
                   bos_token_id=1)
     if variant.family == "qwen2":
         model: Any = Qwen2ForCausalLM(Qwen2Config(**common, **variant.config))
