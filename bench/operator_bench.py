@@ -25,11 +25,11 @@ from typing import Any
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "operator"))
+sys.path.insert(0, str(ROOT))  # the test helpers, as the suite imports them
 
-from kubelet import Kubelet  # noqa: E402
-from mockcluster import MockCluster, lm_path, running_cluster  # noqa: E402
-from operatorrun import operator_requests, operator_writes, running_operator  # noqa: E402
+from tests.support.kubelet import Kubelet  # noqa: E402
+from tests.support.mockcluster import MockCluster, lm_path, running_cluster  # noqa: E402
+from tests.support.operatorrun import operator_requests, operator_writes, running_operator  # noqa: E402
 
 NS = "models"
 EXAMPLE = ROOT / "examples" / "smollm2-local.yaml"

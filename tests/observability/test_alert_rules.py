@@ -14,8 +14,9 @@ import yaml
 
 from largemodel import metrics
 from tests.support.metricnames import exported_sample_names, metric_names_in
+from tests.support.paths import REPO
 
-FILES = Path(__file__).resolve().parents[2] / "charts" / "largemodel" / "files"
+FILES = REPO / "charts" / "largemodel" / "files"
 RULES = FILES / "alerts.rules.yaml"
 RULE_TESTS = FILES / "alerts.test.yaml"
 PROMTOOL = shutil.which("promtool")

@@ -28,9 +28,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from largemodel.runtime.pipeline import HEADER_LEN, META_COLS
 from tests.support.grafana import load_dashboards, panel_queries, query_variables, substitute
 from tests.support.operator_target import OperatorTarget, running_operator_target
+from tests.support.paths import REPO
 from tests.support.promserver import Prometheus, ScrapeTarget, running_prometheus
 from tests.support.rankgroup import RankGroup, running_rank_group
-from tests.support.tinymodel import build_tiny_llama
+from tests.support.tiny_models import build_tiny_llama
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("prometheus") is None or shutil.which("promtool") is None,
@@ -38,7 +39,7 @@ pytestmark = [
     pytest.mark.timeout(240),
 ]
 
-ALERT_RULES = Path(__file__).resolve().parents[2] / "charts" / "largemodel" / "files" / "alerts.rules.yaml"
+ALERT_RULES = REPO / "charts" / "largemodel" / "files" / "alerts.rules.yaml"
 NAMESPACE = "observability"  # the target labels the chart's PodMonitor would add
 LOAD_REQUESTS = 12
 LOAD_CONCURRENCY = 4

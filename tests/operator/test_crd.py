@@ -19,14 +19,15 @@ from largemodel.operator.crd import crd_yaml, generate_crd, openapi_schema
 from largemodel.operator.manifest import InputError, parse_largemodel
 from largemodel.operator.planner import PlanError, plan_parallelism
 from tests.support.crdcheck import admit, apply_defaults, cel_failures, rules
-from tests.support.examples import EXAMPLES, ROOT, example, run_largemodel
+from tests.support.examples import EXAMPLES, example, run_largemodel
+from tests.support.paths import REPO
 
-CRD_FILE = ROOT / "crds" / "serving.largemodel.io_largemodels.yaml"
+CRD_FILE = REPO / "crds" / "serving.largemodel.io_largemodels.yaml"
 EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
 
 
 def test_crd_file_is_the_generated_output() -> None:
-    assert CRD_FILE.read_text() == crd_yaml(), "crds/ is stale: run `largemodel crd > " + str(CRD_FILE.relative_to(ROOT)) + "`"
+    assert CRD_FILE.read_text() == crd_yaml(), "crds/ is stale: run `largemodel crd > " + str(CRD_FILE.relative_to(REPO)) + "`"
     result = run_largemodel("crd")
     assert result.returncode == 0 and result.stdout == CRD_FILE.read_text()
 

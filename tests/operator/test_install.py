@@ -8,14 +8,14 @@ import sys
 import zipfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.paths import REPO
 
 
 def test_wheel_maps_operator_and_runtime_under_largemodel(tmp_path: Path) -> None:
     """The wheel holds largemodel/{operator,runtime}, the .proto and the kernel source, and imports from a plain site dir."""
     env = {**os.environ, "PYTHONSAFEPATH": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(REPO)],
         check=True, env=env, cwd=tmp_path, timeout=180,
     )
     (wheel,) = tmp_path.glob("largemodel-*.whl")

@@ -12,6 +12,7 @@ import yaml
 from largemodel.operator import api
 from largemodel.operator.modelconfig import ModelConfigError, inspect_model
 from tests.support.examples import run_largemodel
+from tests.support.paths import REPO
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -65,7 +66,7 @@ def test_parameter_count_matches_transformers(tmp_path: Path, family: str) -> No
 
 def test_smollm2_matches_the_local_example(tmp_path: Path) -> None:
     model_dir, _ = save_config(tmp_path, "smollm2-135m")
-    example = yaml.safe_load((Path(__file__).parents[2] / "examples/smollm2-local.yaml").read_text())
+    example = yaml.safe_load((REPO / "examples/smollm2-local.yaml").read_text())
     assert inspect_model(model_dir) == api.Architecture.model_validate(example["spec"]["model"]["architecture"])
 
 

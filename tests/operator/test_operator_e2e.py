@@ -18,7 +18,6 @@ import yaml
 from largemodel.operator.builders import LABEL_NAME, LABEL_REVISION
 from largemodel.operator.conditions import find
 from tests.support.kubelet import Kubelet
-from tests.support.memworld import ROOT
 from tests.support.mockcluster import MockCluster, apps_path, core_path, lm_path
 from tests.support.operatorrun import (
     assert_within_rbac,
@@ -27,9 +26,10 @@ from tests.support.operatorrun import (
     running_operator,
     wait_for,
 )
+from tests.support.paths import REPO
 
 NS = "models"
-EXAMPLE = ROOT / "examples" / "smollm2-local.yaml"
+EXAMPLE = REPO / "examples" / "smollm2-local.yaml"
 
 
 @pytest.fixture()

@@ -13,12 +13,12 @@ from pathlib import Path
 import httpx
 
 from largemodel.runtime.local import free_port
-from tests.support.memworld import ROOT
 from tests.support.mockcluster import MockCluster, apps_path, lm_path
 from tests.support.operatorrun import assert_within_rbac, wait_for
+from tests.support.paths import REPO
 
 LARGEMODEL = Path(sys.executable).parent / "largemodel"
-EXAMPLE = ROOT / "examples" / "smollm2-local.yaml"
+EXAMPLE = REPO / "examples" / "smollm2-local.yaml"
 
 
 def test_scope_flag_is_required() -> None:

@@ -20,6 +20,7 @@ from largemodel.operator.planner import (
 )
 from largemodel.partition import split_layers
 from tests.support.examples import LLAMA3_70B, LLAMA31_405B
+from tests.support.paths import REPO
 
 
 def spec(arch: dict[str, Any] | None = LLAMA3_70B, **overrides: Any) -> api.LargeModelSpec:
@@ -255,7 +256,7 @@ def test_parameters_absent_are_computed_from_the_shapes_as_inspect_does() -> Non
     assert given.to_status().model_dump(by_alias=True)["parametersSource"] == "spec"
 
 
-@pytest.mark.parametrize("example", sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml")),
+@pytest.mark.parametrize("example", sorted((REPO / "examples").glob("*.yaml")),
                          ids=lambda p: p.name)
 def test_examples_plan_without_warnings(example: Path) -> None:
     import yaml

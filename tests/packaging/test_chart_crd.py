@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from tests.support.chartrender import CHART_DIR, ROOT, chart_crds
+from tests.support.chartrender import CHART_DIR, chart_crds
+from tests.support.paths import REPO
 
-REPO_CRD = ROOT / "crds" / "serving.largemodel.io_largemodels.yaml"
+REPO_CRD = REPO / "crds" / "serving.largemodel.io_largemodels.yaml"
 CHART_CRD = CHART_DIR / "crds" / REPO_CRD.name
 
 
 def test_chart_crd_is_byte_identical_to_the_generated_one() -> None:
     assert CHART_CRD.read_bytes() == REPO_CRD.read_bytes(), (
-        f"the chart's CRD is stale: cp {REPO_CRD.relative_to(ROOT)} {CHART_CRD.relative_to(ROOT)}"
+        f"the chart's CRD is stale: cp {REPO_CRD.relative_to(REPO)} {CHART_CRD.relative_to(REPO)}"
     )
 
 

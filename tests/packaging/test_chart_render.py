@@ -30,6 +30,7 @@ from tests.support.chartrender import (
     render,
     render_objects,
 )
+from tests.support.paths import REPO
 
 KUBE_VERSIONS = ["1.28", "1.37"]
 FILES = CHART_DIR / "files"
@@ -388,7 +389,7 @@ def test_notes_tell_the_next_step() -> None:
     assert "kubectl get lm" in notes
     assert "team-a, team-b" in notes
     example = notes.split("-f ", 1)[1].split()[0]
-    assert (CHART_DIR.parents[1] / example).is_file(), f"NOTES name a missing example {example}"
+    assert (REPO / example).is_file(), f"NOTES name a missing example {example}"
 
 
 def test_packaged_chart_renders_like_the_directory(tmp_path: Path) -> None:

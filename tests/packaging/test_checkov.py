@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.support.chartrender import CONFIGS, ROOT, render_objects
+from tests.support.chartrender import CONFIGS, render_objects
+from tests.support.paths import REPO
 
-CHECKOV = ROOT / ".venv" / "tools" / "checkov" / "bin" / "checkov"
+CHECKOV = REPO / ".venv" / "tools" / "checkov" / "bin" / "checkov"
 # Every install the render tests cover, plus the one toggle they leave off.
 SCANNED = {**CONFIGS, "secrets": {"rbac": {"readSecrets": True}}}
 
@@ -32,7 +33,7 @@ def checkov_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[s
         (scan / name).mkdir()
         for index, obj in enumerate(render_objects(values)):
             (scan / name / f"{index:02d}-{obj['kind'].lower()}.yaml").write_text(yaml.safe_dump(obj))
-    shutil.copy(ROOT / "Dockerfile", scan / "Dockerfile")
+    shutil.copy(REPO / "Dockerfile", scan / "Dockerfile")
     # No network here: skip the guideline download and the package-vulnerability mapping.
     env = {**os.environ, "BC_SKIP_MAPPING": "TRUE", "CHECKOV_NO_OUTPUT_FILE_CACHE": "1"}
     result = subprocess.run(

@@ -23,9 +23,10 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCKERFILE = ROOT / "Dockerfile"
-PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+from tests.support.paths import REPO
+
+DOCKERFILE = REPO / "Dockerfile"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).with_name("hadolint"))
 FINAL_STAGES = ("operator", "runtime")
 
@@ -172,7 +173,7 @@ def test_operator_image_command_is_one_the_operator_accepts() -> None:
 
 
 def test_dockerignore_keeps_what_the_wheel_stage_copies() -> None:
-    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines()
                 if p.strip() and not p.startswith("#")]
     assert patterns[0] == "*", "context starts empty: no venvs, models or .git sent to the daemon"
     included = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
@@ -215,7 +216,7 @@ def _third_party_imports(folders: list[str]) -> dict[str, str]:
     """Top-level modules imported anywhere (lazy imports included) in these folders -> first file."""
     found: dict[str, str] = {}
     for folder in folders:
-        for path in sorted((ROOT / folder).glob("*.py")):
+        for path in sorted((REPO / folder).glob("*.py")):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Import):
                     names = [alias.name for alias in node.names]

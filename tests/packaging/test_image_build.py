@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 import yaml
 
+from largemodel.operator.builders import LABEL_NAME
 from largemodel.runtime.local import NotReadyError, free_port, wait_ready
 from tests.support.imagebuild import (
     STANDIN,
@@ -41,13 +42,11 @@ from tests.support.imagebuild import (
     standin_tarball,
     torch_cpu_index,
 )
-
-ROOT = Path(__file__).resolve().parents[2]
-from largemodel.operator.builders import LABEL_NAME  # noqa: E402
-from tests.support.mockcluster import apps_path, core_path, lm_path, running_cluster  # noqa: E402
-from tests.support.operatorrun import wait_for  # noqa: E402
-from tests.support.tinymodel import build_tiny_llama  # noqa: E402
-from tests.support.world import write_largemodel  # noqa: E402
+from tests.support.mockcluster import apps_path, core_path, lm_path, running_cluster
+from tests.support.operatorrun import wait_for
+from tests.support.paths import REPO
+from tests.support.tiny_models import build_tiny_llama
+from tests.support.world import write_largemodel
 
 NS = "models"
 OPERATOR_PORT = 8080  # the image's default command serves /healthz there, as its HEALTHCHECK expects
@@ -156,7 +155,7 @@ def test_operator_image_reconciles_a_largemodel(buildah: Buildah, operator_image
                     wait_for(healthy, "the image's HEALTHCHECK to pass", timeout=60)
                 finally:
                     buildah("rm", prober)
-                body = yaml.safe_load((ROOT / "examples" / "smollm2-local.yaml").read_text())
+                body = yaml.safe_load((REPO / "examples" / "smollm2-local.yaml").read_text())
                 cluster.create(lm_path(NS), body)
                 name = body["metadata"]["name"]
                 selector = f"{LABEL_NAME}={name}"

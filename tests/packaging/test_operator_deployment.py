@@ -21,9 +21,10 @@ import httpx
 import pytest
 
 from largemodel.runtime.local import free_port
-from tests.support.chartrender import ROOT, by_kind, render_objects
+from tests.support.chartrender import by_kind, render_objects
 from tests.support.mockcluster import MockCluster, lm_path, running_cluster  # noqa: E402
 from tests.support.operatorrun import operator_requests, rbac_triple, wait_for  # noqa: E402
+from tests.support.paths import REPO
 
 NAMESPACE = "models"
 BIN = Path(sys.executable).parent
@@ -81,7 +82,7 @@ def test_operator_runs_as_the_chart_deploys_it(
     metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
     assert "largemodel_operator_reconcile_seconds" in metrics
 
-    cluster.kubectl("apply", "--validate=false", "-n", NAMESPACE, "-f", str(ROOT / "examples" / "llama3-70b.yaml"))
+    cluster.kubectl("apply", "--validate=false", "-n", NAMESPACE, "-f", str(REPO / "examples" / "llama3-70b.yaml"))
     admitted = wait_for(
         lambda: [c for c in ((cluster.get(lm_path(NAMESPACE, "llama3-70b")) or {}).get("status") or {}).get(
             "conditions", []) if c["type"] == "Admitted" and c["status"] == "True"],

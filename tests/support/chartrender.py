@@ -14,8 +14,9 @@ from typing import Any
 import helm_python
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART_DIR = ROOT / "charts" / "largemodel"
+from tests.support.paths import REPO
+
+CHART_DIR = REPO / "charts" / "largemodel"
 RELEASE = "lm"
 NAMESPACE = "largemodel-system"
 WATCHED = ["team-a", "team-b"]

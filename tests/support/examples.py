@@ -11,9 +11,9 @@ from typing import Any
 import yaml
 
 from largemodel.operator import api
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLES = ROOT / "examples"
+EXAMPLES = REPO / "examples"
 LARGEMODEL = Path(sys.executable).parent / "largemodel"
 
 LLAMA3_70B = {
@@ -58,5 +58,5 @@ def run_largemodel(*args: str, stdin: str | None = None, timeout: float = 60) ->
     """Run the installed console script as a user would."""
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
     return subprocess.run(
-        [str(LARGEMODEL), *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT
+        [str(LARGEMODEL), *args], input=stdin, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO
     )

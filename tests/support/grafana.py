@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-DASHBOARD_DIR = Path(__file__).resolve().parents[2] / "charts" / "largemodel" / "files" / "dashboards"
+from tests.support.paths import REPO
+
+DASHBOARD_DIR = REPO / "charts" / "largemodel" / "files" / "dashboards"
 
 # Grafana's built-in interval variables; a test substitutes one window that spans its whole run.
 _BUILTIN_INTERVALS = ("$__rate_interval", "${__rate_interval}", "$__interval", "${__interval}", "$__range")

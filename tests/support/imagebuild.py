@@ -36,8 +36,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
-WORK = ROOT / "build" / "imagetest"
+from tests.support.paths import REPO
+
+WORK = REPO / "build" / "imagetest"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBOOTSTRAP = ["debootstrap", "--variant=minbase",
                "--include=python3,python3-venv,python3-pip,python-is-python3", "bookworm"]
@@ -126,7 +127,7 @@ class Buildah:
             cmd += ["--build-arg", f"{key}={value}"]
         began = time.monotonic()
         with log_path.open("w") as out:
-            done = subprocess.run([*cmd, str(ROOT)], stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False)
+            done = subprocess.run([*cmd, str(REPO)], stdout=out, stderr=subprocess.STDOUT, timeout=timeout, check=False)
         if done.returncode != 0:
             raise AssertionError(f"building {target} failed ({log_path}):\n{log_path.read_text()[-5000:]}")
         return time.monotonic() - began

@@ -21,7 +21,7 @@ import itertools
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 import aiohttp.web
@@ -170,8 +170,10 @@ class K8sMock(kmock.KubernetesEmulator):
             return await self._delete(request)
         # Reads skip kmock's reaction matching, which rescans every past request per request
         # (quadratic: 50 LargeModels' traffic slowed it to a crawl); no test adds reactions here.
-        reads = {enums.action.LIST: self._serve_list, enums.action.WATCH: self._serve_watch,
-                 enums.action.FETCH: self._serve_fetch}
+        reads: dict[enums.action, Callable[[rendering.Request], rendering.Payload]] = {
+            enums.action.LIST: self._serve_list, enums.action.WATCH: self._serve_watch,
+            enums.action.FETCH: self._serve_fetch,
+        }
         if request.action in reads:
             return await rendering.Response(payload=reads[request.action])(request)
         return await super()._handle(request)

@@ -77,7 +77,7 @@ class Kubelet:
         labels = {**template["metadata"].get("labels", {}), POD_INDEX_LABEL: str(ordinal)}
         owner = {"apiVersion": "apps/v1", "kind": "StatefulSet", "name": sts["metadata"]["name"],
                  "uid": sts["metadata"]["uid"], "controller": True, "blockOwnerDeletion": True}
-        body = {"apiVersion": "v1", "kind": "Pod",
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": f"{sts['metadata']['name']}-{ordinal}", "labels": labels,
                              "ownerReferences": [owner]},
                 "spec": dict(template["spec"])}

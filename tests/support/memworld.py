@@ -8,7 +8,6 @@ from __future__ import annotations
 import copy
 import datetime
 import itertools
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -17,14 +16,14 @@ from largemodel.operator import crd, fit, gang
 from largemodel.operator.builders import POD_INDEX_LABEL
 from largemodel.operator.reconcile import Create, Delete, Observed, Patch, Result, reconcile
 from tests.support.k8smock import prune
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 
 
 def example_lm(name: str = "smollm2", **spec: Any) -> dict[str, Any]:
     """examples/smollm2-local.yaml as the API server returns it, with `spec` overrides merged."""
-    body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "smollm2-local.yaml").read_text())
+    body: dict[str, Any] = yaml.safe_load((REPO / "examples" / "smollm2-local.yaml").read_text())
     body["metadata"] = {"name": name, "namespace": "models", "uid": f"uid-{name}", "generation": 1}
     for key, value in spec.items():
         if isinstance(value, dict) and isinstance(body["spec"].get(key), dict):

@@ -8,6 +8,7 @@ loop so that the operator (KopfRunner, another thread), kubectl (a subprocess) a
 from __future__ import annotations
 
 import asyncio
+import builtins
 import os
 import shutil
 import subprocess
@@ -88,7 +89,7 @@ class MockCluster:
 
     # -- what the operator did --------------------------------------------------------------
 
-    def requests_by(self, agent_prefix: str) -> list[Any]:
+    def requests_by(self, agent_prefix: str) -> builtins.list[Any]:  # `list` in this class is its method
         """Every request whose User-Agent starts with `agent_prefix`."""
         return [r for r in list(self.mock._requests) if str(r.headers.get("User-Agent", "")).startswith(agent_prefix)]
 

@@ -22,9 +22,9 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from largemodel.runtime.local import free_port
+from tests.support.paths import REPO
 
-ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "smollm2-local.yaml"
+EXAMPLE = REPO / "examples" / "smollm2-local.yaml"
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from largemodel.runtime.launch import stop_processes
 from largemodel.runtime.local import free_port
+from tests.support.paths import REPO
 
-MAINS = Path(__file__).resolve().parents[1] / "runtime"  # the *_main.py scripts ranks run
+MAINS = REPO / "tests" / "runtime"  # the *_main.py scripts ranks run
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:

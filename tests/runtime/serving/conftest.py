@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.tinymodel import build_tiny_llama
+from tests.support.tiny_models import build_tiny_llama
 from tests.support.world import RunningServer, start_run, write_largemodel
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[3]
+from tests.support.paths import REPO
 
 
 def _run(*args: str, models_dir: Path) -> subprocess.CompletedProcess[str]:
