@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from largemodel import envcontract, metrics
+from largemodel.runtime import kvmetrics
 from largemodel.runtime.admission import SamplingDefaults, load_sampling_defaults
 from largemodel.runtime.httpguard import (
     BODY_TIMEOUT_S,
@@ -189,6 +190,7 @@ def run_server(engine: Engine, model_dir: Path, environ: Mapping[str, str],
     # Two tokenizers: the engine thread decodes while the event loop encodes, and a Rust
     # tokenizer object must not be used from two threads at once.
     scheduler = Scheduler(engine, load_tokenizer(model_dir), settings.max_queue)
+    kvmetrics.publish_counters()
     state = ServingState(
         scheduler=scheduler,
         tokenizer=load_tokenizer(model_dir),
