@@ -147,6 +147,8 @@ def group_env(lm: api.LargeModel, plan: Plan, group: int) -> list[dict[str, Any]
         max_model_len=spec.serving.max_model_len,
         model_name=lm.metadata.name,
         layers_per_stage=plan.layers_per_stage,
+        prefix_cache=spec.serving.prefix_cache,
+        kv_cache_blocks=plan.kv_cache_blocks,
     )
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in contract.as_env().items()]
     for var in (envcontract.NODE_RANK, envcontract.LWS_WORKER_INDEX):
