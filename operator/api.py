@@ -191,6 +191,11 @@ class Serving(_Spec):
         default_factory=list, alias="allowFrom", max_length=32,
         description="Who may reach the HTTP and gRPC ports (NetworkPolicy peers); empty: anyone. Rank "
                     "ports admit only this LargeModel's own pods whatever this says.")
+    drain_seconds: int = Field(
+        default=envcontract.DEFAULT_DRAIN_SECONDS, alias="drainSeconds", ge=0, le=3600,
+        description="When a group goes (scale-down, rollout, deletion) its stage-0 pod stops admitting, "
+                    "leaves the client Service and lets admitted requests finish for up to this many "
+                    "seconds before the group shuts down.")
     prefix_cache: bool = Field(
         default=True, alias="prefixCache",
         description="Reuse the KV cache of a cached prompt prefix (paged KV cache, 16-token blocks); "

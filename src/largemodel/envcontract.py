@@ -35,6 +35,12 @@ MODEL_NAME = "MODEL_NAME"
 PREFIX_CACHE = "PREFIX_CACHE"
 KV_CACHE_BLOCKS = "KV_CACHE_BLOCKS"
 KV_BLOCK_SIZE = 16  # tokens per KV cache block, on every rank
+# spec.serving.drainSeconds: how long a SIGTERMed stage 0 lets admitted requests finish (issue 18:
+# scale-down and rollouts drain a group before it goes); the other stages wait as long for its SHUTDOWN.
+DRAIN_GRACE_SECONDS = "DRAIN_GRACE_SECONDS"
+DEFAULT_DRAIN_SECONDS = 30
+# After the drain: the pipeline SHUTDOWN, the engine stopping and the ranks exiting.
+SHUTDOWN_MARGIN_SECONDS = 30
 # The planner's layer split (status.plan.layersPerStage, comma-separated): the runtime checks its own
 # split equals it, so a pod never silently serves a different layout than the one planned.
 LAYERS_PER_STAGE = "LAYERS_PER_STAGE"
@@ -307,6 +313,11 @@ class RankEnv:
 def kv_cache_blocks_for(max_batch_size: int, max_model_len: int) -> int:
     """KV blocks per rank that hold maxBatchSize sequences of maxModelLen tokens (the plan's KV memory)."""
     return max_batch_size * -(-max_model_len // KV_BLOCK_SIZE)
+
+
+def termination_grace_seconds(drain_seconds: int) -> int:
+    """terminationGracePeriodSeconds of a rank pod: the drain, then the shutdown margin, before SIGKILL."""
+    return drain_seconds + SHUTDOWN_MARGIN_SECONDS
 
 
 def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
