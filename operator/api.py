@@ -191,6 +191,15 @@ class Serving(_Spec):
         default_factory=list, alias="allowFrom", max_length=32,
         description="Who may reach the HTTP and gRPC ports (NetworkPolicy peers); empty: anyone. Rank "
                     "ports admit only this LargeModel's own pods whatever this says.")
+    drain_seconds: int = Field(
+        default=envcontract.DEFAULT_DRAIN_SECONDS, alias="drainSeconds", ge=0, le=3600,
+        description="When a group goes (scale-down, rollout, deletion) its stage-0 pod stops admitting, "
+                    "leaves the client Service and lets admitted requests finish for up to this many "
+                    "seconds before the group shuts down.")
+    prefix_cache: bool = Field(
+        default=True, alias="prefixCache",
+        description="Reuse the KV cache of a cached prompt prefix (paged KV cache, 16-token blocks); "
+                    "outputs are the same either way.")
     network_policy: bool = Field(
         default=True, alias="networkPolicy",
         description="Create a NetworkPolicy for the rank pods (rank ports from the group's own pods only).")
@@ -378,6 +387,10 @@ class PlanStatus(BaseModel):
     layers_per_stage: list[int] = Field(alias="layersPerStage")
     weight_gib_per_gpu: float = Field(alias="weightGiBPerGPU")
     kv_cache_gib_per_gpu: float = Field(default=0.0, alias="kvCacheGiBPerGPU")
+    kv_cache_blocks: int = Field(
+        default=0, alias="kvCacheBlocks",
+        description="KV cache blocks (16 tokens each) per rank: the plan's KV memory, maxBatchSize x "
+                    "ceil(maxModelLen / 16).")
     bubble: float
     parameters: float | None = Field(default=None, description="The parameter count the memory plan used.")
     parameters_source: str | None = Field(

@@ -147,6 +147,8 @@ def group_env(lm: api.LargeModel, plan: Plan, group: int) -> list[dict[str, Any]
         max_model_len=spec.serving.max_model_len,
         model_name=lm.metadata.name,
         layers_per_stage=plan.layers_per_stage,
+        prefix_cache=spec.serving.prefix_cache,
+        kv_cache_blocks=plan.kv_cache_blocks,
     )
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in contract.as_env().items()]
     for var in (envcontract.NODE_RANK, envcontract.LWS_WORKER_INDEX):
@@ -156,6 +158,7 @@ def group_env(lm: api.LargeModel, plan: Plan, group: int) -> list[dict[str, Any]
     env.append({"name": envcontract.GROUP_SECRET_FILE,
                 "value": f"{envcontract.GROUP_SECRET_MOUNT}/{envcontract.GROUP_SECRET_KEY}"})
     env.append({"name": COLLECTIVE_TIMEOUT_ENV, "value": str(spec.restart.collective_timeout_seconds)})
+    env.append({"name": envcontract.DRAIN_GRACE_SECONDS, "value": str(spec.serving.drain_seconds)})
     if spec.serving.api_key_secret:
         env.append({"name": envcontract.API_KEY_FILE, "value": f"{envcontract.API_KEY_MOUNT}/{envcontract.API_KEY_KEY}"})
     return env
@@ -285,8 +288,8 @@ def _pod_spec(lm: api.LargeModel, plan: Plan, group: int) -> dict[str, Any]:
         "automountServiceAccountToken": False,
         # Service env vars for every Service in the namespace would only clutter the rank's env.
         "enableServiceLinks": False,
-        # SIGTERM drains in-flight streams before the engine shuts down.
-        "terminationGracePeriodSeconds": 60,
+        # SIGTERM drains in-flight streams (serving.drainSeconds) before the engine shuts down.
+        "terminationGracePeriodSeconds": envcontract.termination_grace_seconds(lm.spec.serving.drain_seconds),
         "securityContext": {
             "runAsNonRoot": True,
             "runAsUser": RUN_AS_USER,

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
-from largemodel import modelfacts
+from largemodel import envcontract, modelfacts
 from largemodel.operator import api
 from largemodel.operator.modelconfig import ModelConfigError, inspect_model
 from largemodel.partition import lm_head_layers, split_layers
@@ -56,6 +56,7 @@ class Plan:
     layers_per_stage: tuple[int, ...]
     weight_gib_per_gpu: float
     kv_cache_gib_per_gpu: float
+    kv_cache_blocks: int = 0
     overhead_gib: float = OVERHEAD_GIB
     usable_gib_per_gpu: float = 0.0
     memory_utilization: float = MEMORY_UTILIZATION
@@ -93,6 +94,7 @@ class Plan:
             layersPerStage=list(self.layers_per_stage),
             weightGiBPerGPU=round(self.weight_gib_per_gpu, 2),
             kvCacheGiBPerGPU=round(self.kv_cache_gib_per_gpu, 2),
+            kvCacheBlocks=self.kv_cache_blocks,
             bubble=round(self.bubble, 4),
             parameters=self.parameters,
             parametersSource=self.parameters_source,
@@ -287,6 +289,7 @@ def plan_parallelism(spec: api.LargeModelSpec, arch: api.Architecture | None = N
         layers_per_stage=tuple(stage_split(arch, pp)),
         weight_gib_per_gpu=weights,
         kv_cache_gib_per_gpu=kv,
+        kv_cache_blocks=envcontract.kv_cache_blocks_for(spec.serving.max_batch_size, spec.serving.max_model_len),
         usable_gib_per_gpu=usable_gib(spec),
         warnings=tuple(_warnings(spec, tp, pp)),
         rejected=tuple(rejected),

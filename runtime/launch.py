@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -62,6 +63,19 @@ def child_environ(env: RankEnv, local_rank: int, metrics_dir: Path) -> dict[str,
     return child
 
 
+def term_bound_s(environ: Mapping[str, str]) -> float:
+    """How long a SIGTERMed pod waits for its ranks: stage 0's drain (DRAIN_GRACE_SECONDS), then SHUTDOWN_GRACE_S.
+
+    Every stage waits that long, so stages > 0 keep serving while stage 0 drains its streams.
+    """
+    raw = environ.get(envcontract.DRAIN_GRACE_SECONDS, "")
+    try:
+        drain = max(0.0, float(raw)) if raw else float(envcontract.DEFAULT_DRAIN_SECONDS)
+    except ValueError:  # the server refuses the value and exits; its own default bounds the wait here
+        drain = float(envcontract.DEFAULT_DRAIN_SECONDS)
+    return drain + SHUTDOWN_GRACE_S
+
+
 def supervise(procs: list[subprocess.Popen[bytes]], env: RankEnv, link: LivenessLink | None) -> int:
     """Wait for the ranks; if one fails (or the group's liveness link breaks), kill the rest."""
     stopping: list[float] = []
@@ -76,6 +90,7 @@ def supervise(procs: list[subprocess.Popen[bytes]], env: RankEnv, link: Liveness
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
     first_clean_exit: float | None = None
+    term_bound = term_bound_s(os.environ)
     # `largemodel run` names itself: if it is killed (SIGKILL, OOM) this stage must not live on alone.
     run_pid = os.environ.get(RUN_PID_ENV, "")
     parent = int(run_pid) if run_pid.isdigit() else None
@@ -98,7 +113,7 @@ def supervise(procs: list[subprocess.Popen[bytes]], env: RankEnv, link: Liveness
         if first_clean_exit is None and any(c == 0 for c in codes):
             first_clean_exit = time.monotonic()
         late = first_clean_exit is not None and time.monotonic() - first_clean_exit > SHUTDOWN_GRACE_S
-        term_late = bool(stopping) and time.monotonic() - stopping[0] > SHUTDOWN_GRACE_S
+        term_late = bool(stopping) and time.monotonic() - stopping[0] > term_bound
         broken = link.poll() if link is not None else None
         if parent is not None and os.getppid() != parent:
             broken = f"largemodel run (pid {parent}) is gone"

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from largemodel import envcontract, metrics
+from largemodel.runtime import kvmetrics
 from largemodel.runtime.admission import SamplingDefaults, load_sampling_defaults
 from largemodel.runtime.httpguard import (
     BODY_TIMEOUT_S,
@@ -41,9 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # Serving-only settings, not part of the operator's env contract.
-DRAIN_GRACE_ENV = "DRAIN_GRACE_SECONDS"  # how long SIGTERM waits for admitted requests
+DRAIN_GRACE_ENV = envcontract.DRAIN_GRACE_SECONDS  # how long SIGTERM waits for admitted requests
 BIND_HOST_ENV = "BIND_HOST"  # 0.0.0.0 in pods; `largemodel run` binds 127.0.0.1
-DEFAULT_DRAIN_GRACE_S = 30.0
+DEFAULT_DRAIN_GRACE_S = float(envcontract.DEFAULT_DRAIN_SECONDS)
 API_DOCS_ENV = "LARGEMODEL_API_DOCS"  # "1": serve /docs, /redoc and /openapi.json (off by default)
 MAX_BODY_ENV = "LARGEMODEL_MAX_BODY_BYTES"  # HTTP body and gRPC message size cap
 API_KEY_FILE_ENV = envcontract.API_KEY_FILE  # a file holding the bearer token clients must send (off when unset)
@@ -189,6 +190,7 @@ def run_server(engine: Engine, model_dir: Path, environ: Mapping[str, str],
     # Two tokenizers: the engine thread decodes while the event loop encodes, and a Rust
     # tokenizer object must not be used from two threads at once.
     scheduler = Scheduler(engine, load_tokenizer(model_dir), settings.max_queue)
+    kvmetrics.publish_counters()
     state = ServingState(
         scheduler=scheduler,
         tokenizer=load_tokenizer(model_dir),

@@ -30,6 +30,17 @@ MAX_BATCH_SIZE = "MAX_BATCH_SIZE"
 MAX_QUEUE = "MAX_QUEUE"
 MAX_MODEL_LEN = "MAX_MODEL_LEN"
 MODEL_NAME = "MODEL_NAME"
+# spec.serving.prefixCache ("1"/"0") and status.plan.kvCacheBlocks (KV blocks per rank, 0: the runtime
+# derives them from maxBatchSize x maxModelLen) for the paged KV cache (issue 18).
+PREFIX_CACHE = "PREFIX_CACHE"
+KV_CACHE_BLOCKS = "KV_CACHE_BLOCKS"
+KV_BLOCK_SIZE = 16  # tokens per KV cache block, on every rank
+# spec.serving.drainSeconds: how long a SIGTERMed stage 0 lets admitted requests finish (issue 18:
+# scale-down and rollouts drain a group before it goes); the other stages wait as long for its SHUTDOWN.
+DRAIN_GRACE_SECONDS = "DRAIN_GRACE_SECONDS"
+DEFAULT_DRAIN_SECONDS = 30
+# After the drain: the pipeline SHUTDOWN, the engine stopping and the ranks exiting.
+SHUTDOWN_MARGIN_SECONDS = 30
 # The planner's layer split (status.plan.layersPerStage, comma-separated): the runtime checks its own
 # split equals it, so a pod never silently serves a different layout than the one planned.
 LAYERS_PER_STAGE = "LAYERS_PER_STAGE"
@@ -133,6 +144,8 @@ class RankGroupEnv:
     max_model_len: int
     model_name: str
     layers_per_stage: tuple[int, ...] = ()
+    prefix_cache: bool = True
+    kv_cache_blocks: int = 0
 
     def as_env(self) -> dict[str, str]:
         """Group-wide variables, NODE_RANK and LWS_WORKER_INDEX excluded (they come per pod)."""
@@ -157,6 +170,8 @@ class RankGroupEnv:
             MAX_QUEUE: str(self.max_queue),
             MAX_MODEL_LEN: str(self.max_model_len),
             MODEL_NAME: self.model_name,
+            PREFIX_CACHE: "1" if self.prefix_cache else "0",
+            KV_CACHE_BLOCKS: str(self.kv_cache_blocks),
             LWS_LEADER_ADDRESS: self.master_addr,
             LWS_GROUP_SIZE: str(self.pp),
         }
@@ -214,6 +229,8 @@ class RankEnv:
     max_model_len: int = DEFAULT_MAX_MODEL_LEN
     model_name: str = ""
     layers_per_stage: tuple[int, ...] = ()
+    prefix_cache: bool = True
+    kv_cache_blocks: int = 0
 
     @property
     def liveness_port(self) -> int:
@@ -261,6 +278,8 @@ class RankEnv:
             max_model_len=number(MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN, 1),
             model_name=env.get(MODEL_NAME, ""),
             layers_per_stage=_layer_split(env.get(LAYERS_PER_STAGE, "")),
+            prefix_cache=_flag(env, PREFIX_CACHE, True),
+            kv_cache_blocks=number(KV_CACHE_BLOCKS, 0, 0),
         )
         if parsed.nproc_per_node != parsed.tp:
             raise EnvContractError(f"{NPROC_PER_NODE}={parsed.nproc_per_node} must equal {TP_SIZE}={parsed.tp}")
@@ -289,6 +308,25 @@ class RankEnv:
     def global_rank(self, local_rank: int) -> int:
         """RANK = NODE_RANK*tp + LOCAL_RANK: stage-major, so a stage's TP ranks are contiguous."""
         return self.node_rank * self.tp + local_rank
+
+
+def kv_cache_blocks_for(max_batch_size: int, max_model_len: int) -> int:
+    """KV blocks per rank that hold maxBatchSize sequences of maxModelLen tokens (the plan's KV memory)."""
+    return max_batch_size * -(-max_model_len // KV_BLOCK_SIZE)
+
+
+def termination_grace_seconds(drain_seconds: int) -> int:
+    """terminationGracePeriodSeconds of a rank pod: the drain, then the shutdown margin, before SIGKILL."""
+    return drain_seconds + SHUTDOWN_MARGIN_SECONDS
+
+
+def _flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name, "")
+    if raw == "":
+        return default
+    if raw not in ("0", "1"):
+        raise EnvContractError(f"environment variable {name}={raw!r} must be 1 or 0")
+    return raw == "1"
 
 
 def _layer_split(raw: str) -> tuple[int, ...]:

@@ -60,7 +60,7 @@ REQUESTS_WAITING = Gauge(
     PREFIX + "requests_waiting", "Requests queued for a batch slot.", multiprocess_mode="livesum"
 )
 KV_CACHE_USAGE = Gauge(
-    PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache positions in use.", multiprocess_mode="livemax"
+    PREFIX + "kv_cache_usage_ratio", "Fraction of KV cache blocks in use (0..1).", multiprocess_mode="livemax"
 )
 BATCH_SEQUENCES = Histogram(
     PREFIX + "batch_sequences", "Sequences in each batch the scheduler submits to the engine.",
@@ -132,4 +132,22 @@ MODEL_LOAD_RATE = Gauge(
 )
 MODEL_LOAD_BYTES = Gauge(
     PREFIX + "model_load_bytes", "Bytes of weights this rank read at load.", ["rank"], multiprocess_mode="livemax",
+)
+
+# Appended by issue 18: the prefix cache and the paged KV cache, for inference gateways (the Gateway API
+# Inference Extension's model-server protocol, llm-d) and autoscalers. requests_waiting, requests_running
+# and kv_cache_usage_ratio above are the protocol's TotalQueuedRequests, TotalRunningRequests and
+# KVCacheUtilization (a fraction 0..1). Written only through largemodel.runtime.kvmetrics, by the process
+# that runs the scheduler (global rank 0): the block table is the same on every rank, so one writer
+# counts each lookup once.
+PREFIX_CACHE_QUERIES = Counter(
+    PREFIX + "prefix_cache_queries", "Prompt tokens looked up in the prefix cache."
+)
+PREFIX_CACHE_HITS = Counter(
+    PREFIX + "prefix_cache_hits", "Prompt tokens found in the prefix cache (their KV was reused)."
+)
+# Constant 1; the labels carry the KV cache geometry (the protocol's optional BlockSize, NumGPUBlocks).
+CACHE_CONFIG_INFO = Gauge(
+    PREFIX + "cache_config_info", "KV cache geometry of this server, as labels.",
+    ["block_size", "num_gpu_blocks", "prefix_cache"], multiprocess_mode="livemax",
 )

@@ -54,6 +54,7 @@ def test_required_alerts_exist_with_runbooks() -> None:
         "LargeModelGroupsUnavailable",
         "LargeModelRestartBudgetExhausted",
         "LargeModelQueueSaturated",
+        "LargeModelKVCacheExhausted",
     ):
         assert required in alerts, f"missing alert {required}"
     for name, rule in alerts.items():

@@ -8,6 +8,7 @@ import kubernetes_validate
 import pytest
 
 from largemodel import envcontract
+from largemodel.envcontract import RankEnv
 from largemodel.modeluri import HF_CACHE_MOUNT, MODELS_MOUNT, resolve_model_dir
 from largemodel.operator import api
 from largemodel.operator.builders import (
@@ -252,3 +253,20 @@ def test_api_key_secret_is_mounted_and_named_for_the_server() -> None:
     plain = lm_with(8, 2, 1)
     pod = build_group_statefulset(plain, plan_parallelism(plain.spec), 0, "r")["spec"]["template"]["spec"]
     assert "api-key" not in {v["name"] for v in pod["volumes"]}
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False, None])
+def test_prefix_cache_and_kv_blocks_reach_every_rank(prefix_cache: bool | None) -> None:
+    serving: dict[str, Any] = {"maxBatchSize": 8, "maxModelLen": 1000}
+    if prefix_cache is not None:
+        serving["prefixCache"] = prefix_cache
+    lm = lm_with(4, 2, 1, serving=serving)
+    plan = plan_parallelism(lm.spec)
+    # 8 sequences of ceil(1000 / 16) = 63 blocks: the plan's KV memory, in 16-token blocks.
+    assert plan.kv_cache_blocks == 8 * 63 and plan.to_status().kv_cache_blocks == 8 * 63
+    assert plan.to_status().model_dump(by_alias=True)["kvCacheBlocks"] == 504
+    sts = build_group_statefulset(lm, plan, 0, "r")
+    for stage in range(2):
+        env = RankEnv.from_environ(pod_env(sts, stage))
+        assert env.prefix_cache is (prefix_cache is not False)
+        assert env.kv_cache_blocks == 504

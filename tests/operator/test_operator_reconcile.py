@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from largemodel import envcontract
+from largemodel.operator.builders import POD_INDEX_LABEL
 from largemodel.operator.conditions import find
 from largemodel.operator.groups import MEMBERS_ANNOTATION
 from largemodel.operator.reconcile import Create, Delete, Observed, Patch, reconcile
@@ -324,3 +326,36 @@ def test_network_policy_admits_rank_ports_from_own_pods_and_api_from_allow_from(
     assert metrics_rule == {"ports": [{"protocol": "TCP", "port": 9100}]}
     world.edit(serving={"networkPolicy": False})
     assert ("delete", "NetworkPolicy", "smollm2") in _kinds(world.step())
+
+
+def test_scale_down_drains_the_removed_groups_through_their_pods_grace() -> None:
+    """Scale-down deletes the highest groups' StatefulSets only; their pods, SIGTERMed, drain for
+    serving.drainSeconds (stage 0 leaves the client Service and stops admitting, the other stages wait
+    for its SHUTDOWN) inside a termination grace period that covers drain plus shutdown."""
+    world = World(example_lm(replicas=3, serving={"drainSeconds": 300}))
+    world.converge()
+    templates = {name: obj["spec"]["template"]["spec"] for (kind, name), obj in world.objects.items()
+                 if kind == "StatefulSet"}
+    assert len(templates) == 3
+    for spec in templates.values():
+        (container,) = spec["containers"]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env[envcontract.DRAIN_GRACE_SECONDS] == "300"
+        assert spec["terminationGracePeriodSeconds"] == 300 + envcontract.SHUTDOWN_MARGIN_SECONDS
+    (service,) = [obj for (kind, name), obj in world.objects.items() if kind == "Service" and
+                  name == "smollm2"]
+    assert service["spec"]["selector"][POD_INDEX_LABEL] == "0"  # only stage-0 pods take requests
+    world.edit(replicas=1)
+    result = world.step()
+    assert _kinds(result) == [("delete", "StatefulSet", "smollm2-g2"), ("delete", "StatefulSet", "smollm2-g1")]
+    # The group that stays is neither patched nor recreated.
+    assert all(getattr(a, "name", "") != "smollm2-g0" for a in result.actions)
+
+
+def test_drain_seconds_default_and_grace() -> None:
+    world = World(example_lm(replicas=1))
+    world.converge()
+    (spec,) = [obj["spec"]["template"]["spec"] for (kind, _), obj in world.objects.items()
+               if kind == "StatefulSet"]
+    assert spec["terminationGracePeriodSeconds"] == envcontract.termination_grace_seconds(
+        envcontract.DEFAULT_DRAIN_SECONDS) == 60

@@ -154,3 +154,12 @@ def test_pod_readiness_waits_for_the_group_and_on_stage_0_for_the_server() -> No
     assert leader.ready()[0]
     serving[0] = False  # draining after SIGTERM
     assert leader.ready() == (False, "group joined; server not listening yet, or draining")
+
+
+def test_a_sigtermed_pod_waits_out_stage_0s_drain() -> None:
+    from largemodel import envcontract
+    from largemodel.runtime.launch import SHUTDOWN_GRACE_S, term_bound_s
+
+    assert term_bound_s({}) == envcontract.DEFAULT_DRAIN_SECONDS + SHUTDOWN_GRACE_S
+    assert term_bound_s({envcontract.DRAIN_GRACE_SECONDS: "300"}) == 300 + SHUTDOWN_GRACE_S
+    assert term_bound_s({envcontract.DRAIN_GRACE_SECONDS: "junk"}) == envcontract.DEFAULT_DRAIN_SECONDS + SHUTDOWN_GRACE_S

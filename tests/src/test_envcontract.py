@@ -15,7 +15,8 @@ from largemodel.operator import api
 GROUP = RankGroupEnv(master_addr="m-g1-0.m-ranks.ns.svc", master_port=29500, tp=2, pp=3, group_index=1,
                      model_uri="pvc://models/m", model_dtype="bfloat16", micro_batches=12, engine="native",
                      http_port=8001, grpc_port=9001, metrics_port=9101, max_batch_size=16, max_queue=32,
-                     max_model_len=4096, model_name="m", layers_per_stage=(11, 11, 8))
+                     max_model_len=4096, model_name="m", layers_per_stage=(11, 11, 8),
+                     prefix_cache=False, kv_cache_blocks=1234)
 
 
 def test_rank_env_reads_back_everything_the_group_env_writes() -> None:
@@ -34,7 +35,7 @@ def test_rank_env_reads_back_everything_the_group_env_writes() -> None:
                                                 "TP_SIZE", "PP_SIZE", "GROUP_INDEX", "MODEL_URI", "MODEL_DTYPE",
                                                 "MICRO_BATCHES", "ENGINE", "HTTP_PORT", "GRPC_PORT", "METRICS_PORT",
                                                 "MAX_BATCH_SIZE", "MAX_QUEUE", "MAX_MODEL_LEN", "MODEL_NAME",
-                                                "LAYERS_PER_STAGE")}
+                                                "LAYERS_PER_STAGE", "PREFIX_CACHE", "KV_CACHE_BLOCKS")}
 
 
 def test_one_set_of_defaults_the_apis() -> None:
@@ -48,6 +49,22 @@ def test_one_set_of_defaults_the_apis() -> None:
         serving.http_port, serving.grpc_port, serving.metrics_port, serving.max_batch_size, serving.max_queue,
         serving.max_model_len)
     assert env.layers_per_stage == () and env.group_index == 0 and env.micro_batches == 1
+    # The prefix cache is on unless the operator says otherwise; 0 blocks: the runtime derives them.
+    assert env.prefix_cache is serving.prefix_cache is True and env.kv_cache_blocks == 0
+
+
+def test_prefix_cache_flag_values() -> None:
+    env = GROUP.node_env(0)
+    assert env[envcontract.PREFIX_CACHE] == "0" and env[envcontract.KV_CACHE_BLOCKS] == "1234"
+    assert RankEnv.from_environ({**env, envcontract.PREFIX_CACHE: "1"}).prefix_cache is True
+    assert RankEnv.from_environ({**env, envcontract.PREFIX_CACHE: "0"}).prefix_cache is False
+
+
+def test_kv_cache_blocks_hold_every_slot_at_full_length() -> None:
+    assert envcontract.kv_cache_blocks_for(64, 8192) == 64 * 512
+    # A sequence that ends mid-block still needs that block.
+    assert envcontract.kv_cache_blocks_for(8, 100) == 8 * 7
+    assert envcontract.kv_cache_blocks_for(1, 16) == 1
 
 
 @pytest.mark.parametrize(("name", "value", "message"), [
@@ -60,6 +77,9 @@ def test_one_set_of_defaults_the_apis() -> None:
     ("LAYERS_PER_STAGE", "11,11", "must list PP_SIZE=3 stages"),
     ("LAYERS_PER_STAGE", "11,x,8", "is not a comma-separated list of integers"),
     ("LAYERS_PER_STAGE", "22,0,8", "every stage needs a layer"),
+    ("PREFIX_CACHE", "true", "PREFIX_CACHE='true' must be 1 or 0"),
+    ("KV_CACHE_BLOCKS", "-3", "KV_CACHE_BLOCKS=-3 must be >= 0"),
+    ("KV_CACHE_BLOCKS", "many", "KV_CACHE_BLOCKS='many' is not an integer"),
 ])
 def test_bad_values_name_their_variable(name: str, value: str, message: str) -> None:
     with pytest.raises(EnvContractError, match=message.replace("(", r"\(").replace(")", r"\)")):
