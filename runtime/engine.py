@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from largemodel.runtime import kvmetrics
 from largemodel.runtime.kvblocks import BlockError, BlockManager
 from largemodel.runtime.parallel import DEFAULT_PG_TIMEOUT_S, PG_TIMEOUT_ENV, ParallelContext
 from largemodel.runtime.pipeline import (
@@ -130,6 +131,10 @@ class Engine:
         num_blocks = int(getattr(model, "num_blocks", 0) or 0)
         self.blocks = BlockManager(num_blocks, int(getattr(model, "block_size", 0)), self.max_batch_size,
                                    int(getattr(model, "blocks_per_seq", 0)), prefix_cache) if num_blocks else None
+        if self.blocks is not None:
+            kvmetrics.cache_config(self.blocks.block_size, num_blocks, prefix_cache)
+            log.info("event=kv_cache blocks=%d block_size=%d prefix_cache=%s", num_blocks, self.blocks.block_size,
+                     prefix_cache)
         self._io = StageIO(ctx, model, clock)
         self._sampler = Sampler(self.max_batch_size) if ctx.pp == 1 else None
         self._lock = threading.RLock()
@@ -187,7 +192,12 @@ class Engine:
         if not 0 <= slot < self.max_batch_size:
             raise EngineError(f"slot {slot} is outside 0..{self.max_batch_size - 1}")
         with self._lock:
-            return self.blocks.start(slot, list(prompt)) if self.blocks is not None else 0
+            if self.blocks is None:
+                return 0
+            hit = self.blocks.start(slot, list(prompt))
+            if self.blocks.prefix_cache:
+                kvmetrics.prefix_lookup(len(prompt), hit)
+            return hit
 
     def end_sequence(self, slot: int) -> None:
         """The sequence in `slot` is finished: its KV blocks go back (the full ones stay cached)."""

@@ -191,9 +191,9 @@ def start_native(model_dir: Path, ctx: object, env: RankEnv, max_batch: int, max
 
     assert isinstance(ctx, ParallelContext)
     model, _seconds = build_stage(model_dir, ctx, parse_dtype(env.model_dtype), ctx.device, max_batch, max_len,
-                                  num_blocks=int(getattr(env, "kv_cache_blocks", 0)))
+                                  num_blocks=env.kv_cache_blocks)
     on_loaded()
     if ctx.rank != 0:
         worker_loop(model, ctx)
         return None
-    return Engine(model, ctx, micro_batches=env.micro_batches, on_fatal=_fatal, prefix_cache=bool(getattr(env, "prefix_cache", True)))
+    return Engine(model, ctx, micro_batches=env.micro_batches, on_fatal=_fatal, prefix_cache=env.prefix_cache)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from largemodel import metrics
+from largemodel.runtime import kvmetrics
 from largemodel.runtime.detokenize import IncrementalDetokenizer, Tokenizer, find_stop, stop_prefix_holdback
 from largemodel.runtime.engine import EngineError, SeqInput, Ticket, micro_batch_count
 from largemodel.runtime.generation import (
@@ -414,6 +415,9 @@ class Scheduler:
                 for batch in batches:
                     if self._launch(batch):
                         in_flight.append(batch.lane)
+                if batches:
+                    with self._cond:
+                        self._update_gauges()  # the launched prefills now hold their KV blocks
                 if in_flight:
                     ticket, seqs = in_flight.popleft().land()
                     finished = self.post.consume(seqs, self.engine.result(ticket))
@@ -462,8 +466,8 @@ class Scheduler:
         metrics.REQUESTS_WAITING.set(len(self.planner.waiting))
         metrics.REQUESTS_RUNNING.set(len(running))
         used_blocks, total_blocks = self.engine.kv_usage()
-        if total_blocks:  # paged cache: the blocks running sequences hold
-            metrics.KV_CACHE_USAGE.set(used_blocks / total_blocks)
+        if total_blocks:  # paged cache: the blocks running sequences hold (cached, unreferenced ones are free)
+            kvmetrics.kv_usage(used_blocks, total_blocks)
         else:
             used = sum(len(s.request.prompt_tokens) + len(s.generated) for s in running)
             metrics.KV_CACHE_USAGE.set(used / (self.max_batch_size * self.max_model_len))

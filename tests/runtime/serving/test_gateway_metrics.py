@@ -68,3 +68,24 @@ def test_protocol_gauges_under_load(server: RunningServer) -> None:
         assert types[name] == "counter", (name, types.get(name))
         assert idle[name] >= 0
     assert idle["largemodel_prefix_cache_hits_total"] <= idle["largemodel_prefix_cache_queries_total"]
+
+
+def test_prefix_cache_counters_count_a_repeated_prompt(server: RunningServer) -> None:
+    """The same long prompt twice: the second finds its full blocks cached (queries and hits are prompt
+    tokens, hits a multiple of the 16-token block, the last prompt token always computed) and gives the
+    same greedy text as the first."""
+    prompt = " ".join(f"rule {i}: caches keep shared prompts." for i in range(3))  # within maxModelLen 128
+    body = {"prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    before, _ = _scrape(server.base_url)
+    first = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=120).json()
+    assert "usage" in first, first
+    middle, _ = _scrape(server.base_url)
+    second = httpx.post(f"{server.base_url}/v1/completions", json=body, timeout=120).json()
+    after, _ = _scrape(server.base_url)
+    n = first["usage"]["prompt_tokens"]
+    assert n > 32 and second["usage"]["prompt_tokens"] == n
+    queries, hits = "largemodel_prefix_cache_queries_total", "largemodel_prefix_cache_hits_total"
+    assert middle[queries] - before[queries] == n and middle[hits] - before[hits] == 0
+    assert after[queries] - middle[queries] == n
+    assert after[hits] - middle[hits] == (n - 1) // 16 * 16
+    assert second["choices"][0]["text"] == first["choices"][0]["text"]
