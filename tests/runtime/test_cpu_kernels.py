@@ -28,11 +28,15 @@ from largemodel.runtime.parallel import ParallelContext
 from largemodel.runtime.weights import build_stage
 
 
+def _skip_without_compiler() -> None:
+    if shutil.which(os.environ.get("CXX") or "c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler on this machine: the kernels cannot be built (the engine uses torch ops)")
+
+
 @pytest.fixture(scope="module", params=cpu_kernels.host_levels())
 def kernel(request: pytest.FixtureRequest) -> Iterator[Any]:
     """One level's small_linear, with every cpu_kernels call routed to that level for the test."""
-    if shutil.which(os.environ.get("CXX") or "c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler on this machine: the kernels cannot be built (the engine uses torch ops)")
+    _skip_without_compiler()
     with cpu_kernels.using(request.param) as ops:
         yield ops.small_linear
 
@@ -253,8 +257,11 @@ def test_disabled_kernel_falls_back_with_a_logged_reason() -> None:
     assert "event=kernel_unavailable" in done.stderr and "LARGEMODEL_CPU_KERNELS" in done.stderr
 
 
-def test_prebuilt_library_loads_without_building_or_writing(kernel: Any, tmp_path: Path) -> None:
+# The two tests below run `python -m largemodel.runtime.cpu_kernels`, which picks its own level: they
+# are not parametrized by the `kernel` fixture (each would run the same child once per host level).
+def test_prebuilt_library_loads_without_building_or_writing(tmp_path: Path) -> None:
     """What a pod with a read-only root filesystem does: load the image's library, write nothing."""
+    _skip_without_compiler()
     kernels = tmp_path / "kernels"
     built = _run_module({"LARGEMODEL_KERNEL_DIR": str(kernels)})
     assert built.returncode == 0 and "event=kernel_built" in built.stderr, built.stderr
@@ -269,8 +276,9 @@ def test_prebuilt_library_loads_without_building_or_writing(kernel: Any, tmp_pat
     assert sorted(p.name for p in kernels.iterdir()) == [cpu_kernels.library_path(best).name]
 
 
-def test_isa_can_be_lowered_by_environment(kernel: Any) -> None:
+def test_isa_can_be_lowered_by_environment() -> None:
     """LARGEMODEL_CPU_KERNELS_ISA picks a lower level than the best (here: generic); an unknown one is ignored."""
+    _skip_without_compiler()
     done = _run_module({"LARGEMODEL_CPU_KERNELS_ISA": "generic"})
     assert done.returncode == 0 and "generic ready at" in done.stdout, done.stderr
     odd = _run_module({"LARGEMODEL_CPU_KERNELS_ISA": "no-such-isa"})
@@ -322,8 +330,7 @@ def test_no_compiler_falls_back(tmp_path: Path) -> None:
 def test_built_library_is_readable_by_every_user(tmp_path: Path) -> None:
     """The image builds the kernels as root and its ranks load them as uid 1000: the library must not
     keep the 0600 of the temporary file it was written to (dlopen needs to read it)."""
-    if shutil.which(os.environ.get("CXX") or "c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler on this machine: the kernels cannot be built (the engine uses torch ops)")
+    _skip_without_compiler()
     target = tmp_path / "k.so"
     cpu_kernels.build(target, "generic")
     assert target.stat().st_mode & 0o555 == 0o555, oct(target.stat().st_mode)

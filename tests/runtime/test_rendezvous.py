@@ -139,8 +139,8 @@ RANK_SCRIPT = """
 import sys
 from largemodel.runtime.parallel import init_distributed
 import torch, torch.distributed as dist
-rank, port, secret = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode()
-ctx = init_distributed(rank, 2, 2, 1, "127.0.0.1", port, timeout_s=20, bind_host="127.0.0.1", secret=secret)
+rank, port, secret, timeout = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode(), float(sys.argv[4])
+ctx = init_distributed(rank, 2, 2, 1, "127.0.0.1", port, timeout_s=timeout, bind_host="127.0.0.1", secret=secret)
 import gc
 gc.collect()
 # groups made after init_distributed returned (DeepSpeed makes its own), of one rank and of both
@@ -155,9 +155,12 @@ dist.destroy_process_group()
 """
 
 
-def _ranks(secrets: list[str], tmp_path: Path) -> list[subprocess.CompletedProcess[str]]:
+def _ranks(secrets: list[str], tmp_path: Path, host_timeout: float = 20.0) -> list[subprocess.CompletedProcess[str]]:
+    """Two ranks; rank 0 hosts the store and waits `host_timeout` for the group, rank 1 joins within 20 s."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(rank), str(port), secret], env=child_env(),
+    timeouts = [host_timeout, 20.0]
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(rank), str(port), secret, str(timeouts[rank])],
+                              env=child_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank, secret in enumerate(secrets)]
     done = []
@@ -179,6 +182,8 @@ def test_a_gloo_group_starts_through_the_store_and_an_outsider_cannot_join(tmp_p
     good = _ranks(["s3cret", "s3cret"], tmp_path)
     assert [d.returncode for d in good] == [0, 0], "\n".join(d.stdout for d in good)
     assert all("RESULT [12.0, 12.0, 12.0]" in d.stdout for d in good)
-    bad = _ranks(["s3cret", "guess"], tmp_path)
+    # Rank 0 waits for a group that never forms: a shorter bound than 20 s (rank 1, started with it,
+    # reaches its store and is refused within seconds).
+    bad = _ranks(["s3cret", "guess"], tmp_path, host_timeout=8.0)
     assert bad[1].returncode != 0 and "group secret" in bad[1].stdout, bad[1].stdout
     assert "event=store_stranger" in bad[0].stdout or bad[0].returncode != 0
