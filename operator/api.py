@@ -28,6 +28,7 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 Auto = Literal["auto"]
 PositiveInt = Annotated[int, Field(ge=1)]
 Dtype = Literal["float32", "float16", "bfloat16"]
+Quantization = Literal["none", "int8", "q4", "gguf"]
 
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -107,7 +108,34 @@ class ModelSource(_Spec):
         ),
     )
     dtype: Dtype = "bfloat16"
+    quantization: Quantization = Field(
+        default="none",
+        description="Weight format the engine serves: none (the dtype); int8 (weight-only, one scale per "
+                    "output channel); q4 (4-bit blocks of 32 weights with a scale and an offset, like GGUF "
+                    "Q4_1); gguf (a .gguf file's own quantized tensors as they are). Only the attention and "
+                    "MLP linears are quantized; embeddings, LM head and norms stay in dtype. engine native only.")
     architecture: Architecture | None = None
+
+    model_config = ConfigDict(
+        extra="forbid",
+        populate_by_name=True,
+        json_schema_extra=_cel(
+            (
+                "!has(self.quantization) || self.quantization != 'gguf' || self.uri.endsWith('.gguf') "
+                "|| self.uri.endsWith('.GGUF')",
+                "model.quantization gguf needs model.uri to name a .gguf file",
+            ),
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _gguf_needs_gguf_file(self) -> ModelSource:
+        # Mirrors the CEL rule above so files checked by the CLI fail the same way.
+        problem = modelfacts.quantization_problem(quantization=self.quantization,
+                                                  gguf_source=modelfacts.is_gguf_uri(self.uri))
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class Parallelism(_Spec):
@@ -349,8 +377,21 @@ class LargeModelSpec(_Spec):
                 "|| self.parallelism.tensor <= self.gpu.perNode",
                 "parallelism.tensor must be <= gpu.perNode: tensor parallelism never crosses a node",
             ),
+            (
+                "!has(self.engine) || self.engine != 'deepspeed' || !has(self.model.quantization) "
+                "|| self.model.quantization == 'none'",
+                "model.quantization needs engine native: DeepSpeed AutoTP has no quantized kernels here",
+            ),
         ),
     )
+
+    @model_validator(mode="after")
+    def _quantization_needs_native(self) -> LargeModelSpec:
+        # Mirrors the CEL rule above so files checked by the CLI fail the same way.
+        problem = modelfacts.quantization_problem(quantization=self.model.quantization, engine=self.engine)
+        if problem:
+            raise ValueError(problem)
+        return self
 
 
 class Condition(BaseModel):
@@ -396,6 +437,11 @@ class PlanStatus(BaseModel):
     parameters_source: str | None = Field(
         default=None, alias="parametersSource",
         description="spec: spec.model.architecture.parameters; shapes: computed from the architecture's shapes.")
+    quantization: str | None = Field(default=None, description="spec.model.quantization the memory plan used.")
+    weight_bytes_per_param: float | None = Field(
+        default=None, alias="weightBytesPerParam",
+        description="Weight bytes per parameter as served, averaged over the whole model (quantization scales "
+                    "included; embeddings, LM head and norms in dtype).")
     warnings: list[str] = Field(default_factory=list)
     rejected: list[RejectedLayout] = Field(default_factory=list)
 

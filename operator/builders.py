@@ -112,7 +112,9 @@ def template_revision(lm: api.LargeModel, plan: Plan) -> str:
         "schema": TEMPLATE_SCHEMA,
         "image": spec.image,
         "engine": spec.engine,
-        "model": spec.model.model_dump(mode="json", by_alias=True),
+        # quantization "none" (the default) is left out so models made before the field keep their revision.
+        "model": spec.model.model_dump(mode="json", by_alias=True,
+                                       exclude={"quantization"} if spec.model.quantization == "none" else None),
         "layout": [plan.tp, plan.pp, plan.micro_batches],
         # Who may connect (the NetworkPolicy) does not shape pods: editing it must not roll groups.
         "serving": spec.serving.model_dump(mode="json", by_alias=True, exclude={"allow_from", "network_policy"}),
@@ -137,6 +139,7 @@ def group_env(lm: api.LargeModel, plan: Plan, group: int) -> list[dict[str, Any]
         group_index=group,
         model_uri=spec.model.uri,
         model_dtype=spec.model.dtype,
+        model_quantization=spec.model.quantization,
         micro_batches=plan.micro_batches,
         engine=spec.engine,
         http_port=spec.serving.http_port,

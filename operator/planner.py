@@ -6,7 +6,10 @@ Rules, in the order they are checked:
   heads, KV heads (or, native engine, tp a multiple of them: KV heads replicate) and intermediateSize.
 - pp <= numHiddenLayers (and pp = 1 for engine deepspeed), layers split by `largemodel.partition.split_layers` with the LM head weighed
   on the last stage (as the runtime does).
-- Memory per GPU: weights of the largest stage / tp (= M/(tp*pp) for an even split) + KV cache for
+- Quantization (spec.model.quantization) needs engine native, and a blocked format (q4, gguf) needs
+  each TP rank's input slice of o_proj and down_proj to be whole blocks (modelfacts.tensor_problem).
+- Memory per GPU: weights of the largest stage / tp (= M/(tp*pp) for an even split; M in the served
+  bytes: modelfacts.weight_bytes, quantized linears with their scales, the rest in dtype) + KV cache for
   maxBatchSize x maxModelLen over that stage's layers with KV heads sharded by tp + OVERHEAD_GIB
   must be <= gpu.memoryGiB * MEMORY_UTILIZATION.
 `auto` picks the fewest nodes per group, then the fewest stages, then the fewest GPUs, and reports
@@ -15,13 +18,15 @@ what it rejected and why.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlparse
 
 from largemodel import envcontract, modelfacts
 from largemodel.operator import api
-from largemodel.operator.modelconfig import ModelConfigError, inspect_model
+from largemodel.operator.modelconfig import ModelConfigError, architecture_from_config, inspect_model
 from largemodel.partition import lm_head_layers, split_layers
 
 # Share of gpu.memoryGiB the engine may plan to use; the rest absorbs allocator fragmentation.
@@ -64,6 +69,8 @@ class Plan:
     rejected: tuple[Rejection, ...] = field(default_factory=tuple)
     parameters: float = 0.0
     parameters_source: str = "spec"
+    quantization: str = "none"
+    weight_bytes_per_param: float = 0.0
 
     @property
     def gpus_per_group(self) -> int:
@@ -98,6 +105,8 @@ class Plan:
             bubble=round(self.bubble, 4),
             parameters=self.parameters,
             parametersSource=self.parameters_source,
+            quantization=self.quantization,
+            weightBytesPerParam=round(self.weight_bytes_per_param, 4),
             warnings=list(self.warnings),
             rejected=[api.RejectedLayout(tensor=r.tp, pipeline=r.pp, why=r.why) for r in self.rejected],
         )
@@ -109,9 +118,11 @@ def resolve_architecture(spec: api.LargeModelSpec) -> api.Architecture:
         return spec.model.architecture
     parsed = urlparse(spec.model.uri)
     if parsed.scheme == "file":
-        from pathlib import Path
-
         try:
+            header = gguf_header(spec.model.uri)
+            if header is not None:
+                arch = architecture_from_config(header.config())
+                return arch.model_copy(update={"parameters": float(header.parameters)})
             return inspect_model(Path(parsed.path))
         except ModelConfigError as err:
             raise PlanError(str(err)) from None
@@ -129,6 +140,44 @@ def _check_model_uri(uri: str) -> None:
         raise PlanError(f"model.uri scheme {scheme}:// is not supported yet ({uri}); use {supported}")
 
 
+def gguf_header(uri: str) -> modelfacts.GGUFHeader | None:
+    """The header of a file:// .gguf source (read once per file version), else None: the operator
+    cannot read pvc:// or hf:// sources, so their GGUF bytes are estimated (modelfacts.linear_bytes)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file" or not modelfacts.is_gguf_uri(uri):
+        return None
+    path = Path(parsed.path)
+    try:
+        stat = path.stat()
+    except OSError as err:
+        raise ModelConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    return _read_gguf_header(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_gguf_header(path: Path, mtime_ns: int, size: int) -> modelfacts.GGUFHeader:
+    return modelfacts.read_gguf_header(path)
+
+
+def _gguf_header(spec: api.LargeModelSpec) -> modelfacts.GGUFHeader | None:
+    if spec.model.quantization != "gguf":
+        return None
+    try:
+        return gguf_header(spec.model.uri)
+    except ModelConfigError as err:
+        raise PlanError(str(err)) from None
+
+
+def weight_bytes(spec: api.LargeModelSpec, arch: api.Architecture) -> float:
+    """Bytes of all weights as the engine holds them: dtype, int8/q4 linears with scales, or the GGUF's tensors."""
+    header = _gguf_header(spec)
+    return modelfacts.weight_bytes(
+        parameters=arch.parameter_total, hidden=arch.hidden_size, intermediate=arch.intermediate_size,
+        layers=arch.num_hidden_layers, heads=arch.num_attention_heads, kv_heads=arch.num_key_value_heads,
+        head_dim=arch.kv_head_dim, dtype_bytes=api.DTYPE_BYTES[spec.model.dtype],
+        quantization=spec.model.quantization, gguf_bytes=header.tensor_bytes if header else None)
+
+
 def stage_split(arch: api.Architecture, pp: int) -> list[int]:
     """Layers per pipeline stage: the runtime's split (the LM head weighed on the last stage)."""
     head = lm_head_layers(arch.hidden_size, arch.intermediate_size, arch.vocab_size, arch.num_attention_heads,
@@ -141,7 +190,7 @@ def _memory(spec: api.LargeModelSpec, arch: api.Architecture, tp: int, pp: int) 
     dtype_bytes = api.DTYPE_BYTES[spec.model.dtype]
     stage_layers = max(stage_split(arch, pp))
     share = stage_layers / arch.num_hidden_layers
-    weights = arch.parameter_total * dtype_bytes * share / tp / GIB
+    weights = weight_bytes(spec, arch) * share / tp / GIB
     # K and V, per token per layer, with the KV heads this rank holds.
     kv_per_token_layer = 2 * modelfacts.kv_heads_per_rank(arch.num_key_value_heads, tp) * arch.kv_head_dim * dtype_bytes
     tokens = spec.serving.max_batch_size * spec.serving.max_model_len
@@ -163,8 +212,11 @@ def _tensor_problem(spec: api.LargeModelSpec, arch: api.Architecture, tp: int) -
     if tp > spec.gpu.per_node:
         return f"tensor={tp} exceeds gpu.perNode={spec.gpu.per_node} (tensor parallelism never crosses a node)"
     # The runtime's own rule for the chosen engine (largemodel.modelfacts): admitted means it runs.
+    header = _gguf_header(spec)
     return modelfacts.tensor_problem(heads=arch.num_attention_heads, kv_heads=arch.num_key_value_heads,
-                                     intermediate=arch.intermediate_size, tp=tp, engine=spec.engine)
+                                     intermediate=arch.intermediate_size, tp=tp, engine=spec.engine,
+                                     quantization=spec.model.quantization, head_dim=arch.kv_head_dim,
+                                     hidden=arch.hidden_size, block=header.linear_block if header else None)
 
 
 def _pipeline_problem(spec: api.LargeModelSpec, arch: api.Architecture, pp: int) -> str | None:
@@ -260,6 +312,11 @@ def _choose(spec: api.LargeModelSpec, arch: api.Architecture) -> tuple[int, int,
 def _warnings(spec: api.LargeModelSpec, tp: int, pp: int) -> list[str]:
     mb = spec.parallelism.micro_batches
     out = []
+    if spec.model.quantization == "gguf" and _gguf_header(spec) is None:
+        out.append(
+            f"quantization=gguf: the planner cannot read {spec.model.uri} (it reads file:// sources only), so "
+            "the linears are counted as Q8_0 (34 bytes per 32 weights) and the rest in dtype, and a block of 32 "
+            "weights is assumed; a K-quant file (blocks of 256) may need a smaller tensor size")
     # With one stage there is no bubble, so few micro-batches cost nothing.
     if pp > 1 and mb < 4 * pp:
         out.append(
@@ -281,6 +338,7 @@ def plan_parallelism(spec: api.LargeModelSpec, arch: api.Architecture | None = N
     _check_fixed(spec, arch)
     tp, pp, rejected = _choose(spec, arch)
     weights, kv = _memory(spec, arch, tp, pp)
+    total_bytes = weight_bytes(spec, arch)
     return Plan(
         tp=tp,
         pp=pp,
@@ -295,4 +353,6 @@ def plan_parallelism(spec: api.LargeModelSpec, arch: api.Architecture | None = N
         rejected=tuple(rejected),
         parameters=arch.parameter_total,
         parameters_source="spec" if arch.parameters is not None else "shapes",
+        quantization=spec.model.quantization,
+        weight_bytes_per_param=total_bytes / arch.parameter_total,
     )

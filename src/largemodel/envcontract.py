@@ -20,6 +20,8 @@ PP_SIZE = "PP_SIZE"
 GROUP_INDEX = "GROUP_INDEX"
 MODEL_URI = "MODEL_URI"
 MODEL_DTYPE = "MODEL_DTYPE"
+# spec.model.quantization: none | int8 | q4 | gguf (largemodel.modelfacts.QUANTIZATIONS); unset means none.
+MODEL_QUANTIZATION = "MODEL_QUANTIZATION"
 MICRO_BATCHES = "MICRO_BATCHES"
 ENGINE = "ENGINE"
 # Serving settings the runtime needs too (ports, limits); not in LWS, ours only.
@@ -74,6 +76,7 @@ DEFAULT_MAX_BATCH_SIZE = 64
 DEFAULT_MAX_QUEUE = 256
 DEFAULT_MAX_MODEL_LEN = 8192
 ENGINES = ("native", "deepspeed")
+QUANTIZATIONS = ("none", "int8", "q4", "gguf")  # the same as largemodel.modelfacts.QUANTIZATIONS
 
 
 def liveness_port(master_port: int) -> int:
@@ -146,6 +149,7 @@ class RankGroupEnv:
     layers_per_stage: tuple[int, ...] = ()
     prefix_cache: bool = True
     kv_cache_blocks: int = 0
+    model_quantization: str = "none"
 
     def as_env(self) -> dict[str, str]:
         """Group-wide variables, NODE_RANK and LWS_WORKER_INDEX excluded (they come per pod)."""
@@ -161,6 +165,7 @@ class RankGroupEnv:
             GROUP_INDEX: str(self.group_index),
             MODEL_URI: self.model_uri,
             MODEL_DTYPE: self.model_dtype,
+            MODEL_QUANTIZATION: self.model_quantization,
             MICRO_BATCHES: str(self.micro_batches),
             ENGINE: self.engine,
             HTTP_PORT: str(self.http_port),
@@ -231,6 +236,7 @@ class RankEnv:
     layers_per_stage: tuple[int, ...] = ()
     prefix_cache: bool = True
     kv_cache_blocks: int = 0
+    model_quantization: str = "none"
 
     @property
     def liveness_port(self) -> int:
@@ -280,6 +286,7 @@ class RankEnv:
             layers_per_stage=_layer_split(env.get(LAYERS_PER_STAGE, "")),
             prefix_cache=_flag(env, PREFIX_CACHE, True),
             kv_cache_blocks=number(KV_CACHE_BLOCKS, 0, 0),
+            model_quantization=env.get(MODEL_QUANTIZATION, "").strip() or "none",
         )
         if parsed.nproc_per_node != parsed.tp:
             raise EnvContractError(f"{NPROC_PER_NODE}={parsed.nproc_per_node} must equal {TP_SIZE}={parsed.tp}")
@@ -293,6 +300,9 @@ class RankEnv:
             raise EnvContractError(f"{NODE_RANK}={parsed.node_rank} must be < {NNODES}={parsed.nnodes}")
         if parsed.engine not in ENGINES:
             raise EnvContractError(f"{ENGINE}={parsed.engine!r} must be 'native' or 'deepspeed'")
+        if parsed.model_quantization not in QUANTIZATIONS:
+            raise EnvContractError(f"{MODEL_QUANTIZATION}={parsed.model_quantization!r} must be one of "
+                                   f"{', '.join(QUANTIZATIONS)}")
         if parsed.layers_per_stage and len(parsed.layers_per_stage) != parsed.pp:
             raise EnvContractError(f"{LAYERS_PER_STAGE}={env[LAYERS_PER_STAGE]!r} must list {PP_SIZE}={parsed.pp} "
                                    "stages")

@@ -12,11 +12,13 @@ linear, llama3), grouped-query attention, SwiGLU, tied or untied embeddings, opt
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from largemodel.envcontract import QUANTIZATIONS
 from largemodel.partition import lm_head_layers
 
 # model_type -> the family name users know; SmolLM ships as model_type "llama".
@@ -187,15 +189,25 @@ def kv_heads_per_rank(kv_heads: int, tp: int) -> int:
     return kv_heads // tp if kv_heads % tp == 0 else 1
 
 
-def tensor_problem(*, heads: int, kv_heads: int, intermediate: int, tp: int, engine: str = "native") -> str | None:
-    """Why `tp` cannot shard this model on `engine`, or None.
+def tensor_problem(*, heads: int, kv_heads: int, intermediate: int, tp: int, engine: str = "native",
+                   quantization: str = "none", head_dim: int | None = None, hidden: int | None = None,
+                   block: int | None = None) -> str | None:
+    """Why `tp` cannot shard this model on `engine` with `quantization`, or None.
 
     Both engines split attention heads and the MLP's inner dimension evenly. The native engine also
     runs more ranks than KV heads when tp is a multiple of them (each rank keeps a copy of the KV head
     its query heads use); DeepSpeed's AutoTP needs tp to divide the KV heads.
+
+    Blocked quantizations (q4, gguf: `block` weights of a row per block, quantization_block's default)
+    need every row to be whole blocks (hiddenSize and the row-parallel inputs) and each TP rank's slice
+    of o_proj's input (heads x head_dim / tp) and down_proj's input (intermediateSize / tp) to be
+    whole blocks; int8's per-output-channel scales have no block. head_dim and hidden are required then.
     """
     if engine not in ENGINES:
         return f"engine {engine!r} is unknown; engines: {', '.join(ENGINES)}"
+    problem = quantization_problem(quantization=quantization, engine=engine)
+    if problem:
+        return problem
     if tp < 1:
         return f"tensor={tp} must be at least 1"
     if heads % tp:
@@ -206,6 +218,20 @@ def tensor_problem(*, heads: int, kv_heads: int, intermediate: int, tp: int, eng
         return f"tensor={tp} does not divide numKeyValueHeads={kv_heads}{rule}"
     if intermediate % tp:
         return f"tensor={tp} does not divide intermediateSize={intermediate}"
+    size = block or quantization_block(quantization)
+    if size > 1:
+        if head_dim is None or hidden is None:
+            raise ValueError(f"tensor_problem: quantization={quantization} needs head_dim and hidden")
+        rows = {"hiddenSize": hidden, "numAttentionHeads x headDim": heads * head_dim,
+                "intermediateSize": intermediate}
+        for name, width in rows.items():
+            if width % size:
+                return (f"{name}={width} is not a multiple of the {quantization} block of {size} weights "
+                        "(every quantized row is whole blocks)")
+        for linear, width in (("o_proj", heads * head_dim), ("down_proj", intermediate)):
+            if width // tp % size:
+                return (f"tensor={tp} splits a {quantization} block of {size} weights: {linear}'s input "
+                        f"{width} / tensor={tp} = {width // tp} is not a multiple of {size}")
     return None
 
 
@@ -221,7 +247,241 @@ def pipeline_problem(*, layers: int, pp: int, engine: str = "native") -> str | N
 
 
 def valid_tensor_sizes(*, heads: int, kv_heads: int, intermediate: int, limit: int,
-                       engine: str = "native") -> list[int]:
+                       engine: str = "native", quantization: str = "none", head_dim: int | None = None,
+                       hidden: int | None = None, block: int | None = None) -> list[int]:
     """Every tp in 1..limit with no tensor_problem."""
     return [tp for tp in range(1, limit + 1)
-            if tensor_problem(heads=heads, kv_heads=kv_heads, intermediate=intermediate, tp=tp, engine=engine) is None]
+            if tensor_problem(heads=heads, kv_heads=kv_heads, intermediate=intermediate, tp=tp, engine=engine,
+                              quantization=quantization, head_dim=head_dim, hidden=hidden, block=block) is None]
+
+
+# --- Quantized weights (issue 19) -----------------------------------------------------------------
+#
+# Only the linear weights of attention (q, k, v, o) and the MLP (gate, up, down) are quantized; the
+# embedding, the LM head, the norms and every bias stay in the model dtype (llama.cpp's and vLLM's
+# default too: both leave the embedding and the head unquantized for int8/4-bit weight-only schemes).
+# Blocked formats group QUANT_BLOCK consecutive weights of one row (the input dimension), so a
+# column-parallel split (output rows) never cuts a block and a row-parallel split (o_proj, down_proj:
+# the input dimension) must land on a block boundary.
+
+QUANT_BLOCK = 32  # weights per q4 (GGUF Q4_1) block, and per Q4_0/Q5_x/Q8_0 block
+Q4_BLOCK_BYTES = 20  # Q4_1: fp16 scale + fp16 offset + 32 x 4 bits
+Q8_0_BLOCK_BYTES = 34  # Q8_0: fp16 scale + 32 x 8 bits
+# ggml tensor types a GGUF may hold: id -> (name, weights per block, bytes per block).
+GGML_TYPES: dict[int, tuple[str, int, int]] = {
+    0: ("F32", 1, 4), 1: ("F16", 1, 2), 2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 6: ("Q5_0", 32, 22),
+    7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 9: ("Q8_1", 32, 40), 10: ("Q2_K", 256, 84), 11: ("Q3_K", 256, 110),
+    12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210), 15: ("Q8_K", 256, 292),
+    20: ("IQ4_NL", 32, 18), 23: ("IQ4_XS", 256, 136), 24: ("I8", 1, 1), 25: ("I16", 1, 2), 26: ("I32", 1, 4),
+    27: ("I64", 1, 8), 28: ("F64", 1, 8), 30: ("BF16", 1, 2),
+}
+# Tensor-name suffixes of the quantized linears in a GGUF ("blk.N.attn_q.weight") and which of them
+# a row-parallel TP split cuts along the input dimension.
+GGUF_LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def is_gguf_uri(uri: str) -> bool:
+    """A model source that is one GGUF file (the URI ends in .gguf or .GGUF; the CRD's CEL rule says the same),
+    not a Hugging Face directory."""
+    return uri.endswith((".gguf", ".GGUF"))
+
+
+def quantization_problem(*, quantization: str, engine: str = "native", gguf_source: bool | None = None) -> str | None:
+    """Why `quantization` cannot run on `engine` from this source, or None (gguf_source None: not known)."""
+    if quantization not in QUANTIZATIONS:
+        return f"quantization {quantization!r} is unknown; quantizations: {', '.join(QUANTIZATIONS)}"
+    if quantization != "none" and engine == "deepspeed":
+        return (f"quantization={quantization} with engine=deepspeed: DeepSpeed AutoTP shards the transformers "
+                "model in the model dtype and has no quantized kernels here; use engine=native")
+    if quantization == "gguf" and gguf_source is False:
+        return "quantization=gguf serves a GGUF file's own tensors: model.uri must name a .gguf file"
+    return None
+
+
+def quantization_block(quantization: str, gguf_block: int | None = None) -> int:
+    """Weights per quantization block along a row: 1 (no block: none, int8 per output channel), 32 (q4),
+    or the GGUF file's largest linear block (32 for Q4_x/Q5_x/Q8_0, 256 for K-quants; 32 when unread)."""
+    if quantization == "q4":
+        return QUANT_BLOCK
+    if quantization == "gguf":
+        return gguf_block or QUANT_BLOCK
+    return 1
+
+
+def linear_shapes(*, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int) -> list[tuple[int, int]]:
+    """(out_features, in_features) of one layer's quantizable linears: q, k, v, o, gate, up, down."""
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
+    return [(q_out, hidden), (kv_out, hidden), (kv_out, hidden), (hidden, q_out),
+            (intermediate, hidden), (intermediate, hidden), (hidden, intermediate)]
+
+
+def linear_bytes(quantization: str, rows: int, cols: int, dtype_bytes: int) -> float:
+    """Bytes of one (rows x cols) linear weight, scales included.
+
+    none: dtype; int8: 1 byte a weight + one dtype scale per output row; q4 (Q4_1): 20 bytes per 32
+    weights (0.625 B/weight, fp16 scale and offset); gguf without a readable file: Q8_0's 34 per 32
+    (1.0625 B/weight, the largest of the common 4- to 8-bit block formats)."""
+    if quantization == "none":
+        return float(rows * cols * dtype_bytes)
+    if quantization == "int8":
+        return float(rows * cols + rows * dtype_bytes)
+    blocks = rows * -(-cols // QUANT_BLOCK)
+    return float(blocks * (Q4_BLOCK_BYTES if quantization == "q4" else Q8_0_BLOCK_BYTES))
+
+
+def weight_bytes(*, parameters: float, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+                 head_dim: int, dtype_bytes: int, quantization: str = "none", gguf_bytes: float | None = None) -> float:
+    """All weight bytes of the model as served: the quantized linears plus everything else in the dtype.
+
+    `parameters` is the whole count (tied embeddings once); what the linears do not account for
+    (embedding, head, norms, biases) stays in the dtype. gguf with `gguf_bytes` (the file's tensor
+    bytes, read from its header) is exactly that."""
+    if quantization == "gguf" and gguf_bytes is not None:
+        return float(gguf_bytes)
+    shapes = linear_shapes(hidden=hidden, intermediate=intermediate, heads=heads, kv_heads=kv_heads,
+                           head_dim=head_dim)
+    linear_params = layers * sum(r * c for r, c in shapes)
+    quantized = layers * sum(linear_bytes(quantization, r, c, dtype_bytes) for r, c in shapes)
+    return max(0.0, parameters - linear_params) * dtype_bytes + quantized
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor as a GGUF header declares it (shape in ggml order: the row length first)."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: int
+
+    @property
+    def elements(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def block(self) -> int:
+        return GGML_TYPES[self.ggml_type][1]
+
+    @property
+    def nbytes(self) -> int:
+        _, block, size = GGML_TYPES[self.ggml_type]
+        return self.elements // block * size
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """A GGUF file's metadata (scalars; arrays by their length) and tensor table, read without the data."""
+
+    metadata: dict[str, Any]
+    array_lengths: dict[str, int]
+    tensors: tuple[GGUFTensor, ...]
+
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of every tensor as stored: what the runtime holds when it serves the file as it is."""
+        return sum(t.nbytes for t in self.tensors)
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.elements for t in self.tensors)
+
+    @property
+    def linear_block(self) -> int:
+        """The largest block of the linear weights' types (1 when they are unquantized)."""
+        blocks = [t.block for t in self.tensors if len(t.name.split(".")) > 2 and t.name.split(".")[-2] in GGUF_LINEARS]
+        return max(blocks, default=1)
+
+    def config(self) -> ModelConfig:
+        """The decoder the file describes, as a config.json would (llama architecture only)."""
+        meta = self.metadata
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise ModelConfigError(f"GGUF architecture {arch!r} is not supported (only llama: Llama, SmolLM, Mistral)")
+
+        def key(name: str, default: Any = None) -> Any:
+            value = meta.get(f"llama.{name}", default)
+            if value is None:
+                raise ModelConfigError(f"GGUF lacks llama.{name}")
+            return value
+
+        heads, hidden = int(key("attention.head_count")), int(key("embedding_length"))
+        names = {t.name for t in self.tensors}
+        vocab = meta.get("llama.vocab_size") or self.array_lengths.get("tokenizer.ggml.tokens")
+        if not vocab:
+            raise ModelConfigError("GGUF lacks llama.vocab_size and tokenizer.ggml.tokens")
+        return ModelConfig(
+            architectures=["LlamaForCausalLM"], vocab_size=int(vocab), hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")), num_hidden_layers=int(key("block_count")),
+            num_attention_heads=heads, num_key_value_heads=int(key("attention.head_count_kv", heads)),
+            head_dim=int(key("rope.dimension_count", hidden // heads)),
+            tie_word_embeddings="output.weight" not in names)
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def read_gguf_header(path: Path) -> GGUFHeader:
+    """Parse a GGUF (v2/v3) header: metadata and tensor table, not the tensor data; ModelConfigError says why not."""
+    import struct
+
+    def read(handle: Any, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        raw = handle.read(size)
+        if len(raw) != size:
+            raise ModelConfigError(f"{path}: GGUF header ends early")
+        return struct.unpack(fmt, raw)[0]
+
+    def string(handle: Any) -> str:
+        length = read(handle, "<Q")
+        return handle.read(length).decode("utf-8", errors="replace")
+
+    def skip(handle: Any, kind: int) -> None:
+        if kind == _GGUF_STRING:
+            handle.seek(read(handle, "<Q"), 1)
+        elif kind == _GGUF_ARRAY:
+            inner, count = read(handle, "<I"), read(handle, "<Q")
+            for _ in range(count):
+                skip(handle, inner)
+        elif kind in _GGUF_SCALARS:
+            handle.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+        else:
+            raise ModelConfigError(f"{path}: unknown GGUF value type {kind}")
+
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                raise ModelConfigError(f"{path}: not a GGUF file (no GGUF magic)")
+            version = read(handle, "<I")
+            if version not in (2, 3):
+                raise ModelConfigError(f"{path}: GGUF version {version} is not supported (2 or 3)")
+            tensor_count, kv_count = read(handle, "<Q"), read(handle, "<Q")
+            metadata: dict[str, Any] = {}
+            arrays: dict[str, int] = {}
+            for _ in range(kv_count):
+                name, kind = string(handle), read(handle, "<I")
+                if kind == _GGUF_STRING:
+                    metadata[name] = string(handle)
+                elif kind == _GGUF_ARRAY:
+                    inner, count = read(handle, "<I"), read(handle, "<Q")
+                    arrays[name] = count
+                    for _ in range(count):
+                        skip(handle, inner)
+                elif kind in _GGUF_SCALARS:
+                    metadata[name] = read(handle, _GGUF_SCALARS[kind])
+                else:
+                    raise ModelConfigError(f"{path}: unknown GGUF value type {kind} for {name}")
+            tensors = []
+            for _ in range(tensor_count):
+                name, dims = string(handle), read(handle, "<I")
+                shape = tuple(read(handle, "<Q") for _ in range(dims))
+                ggml_type, _offset = read(handle, "<I"), read(handle, "<Q")
+                if ggml_type not in GGML_TYPES:
+                    raise ModelConfigError(f"{path}: tensor {name} has ggml type {ggml_type}, which the planner "
+                                           "does not know")
+                tensors.append(GGUFTensor(name, shape, ggml_type))
+    except OSError as err:
+        raise ModelConfigError(f"{path}: cannot read: {err.strerror or err}") from None
+    return GGUFHeader(metadata, arrays, tuple(tensors))

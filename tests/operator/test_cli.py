@@ -23,7 +23,8 @@ EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
 
 @pytest.mark.parametrize(
     ("name", "tp", "pp", "groups"),
-    [("smollm2-local.yaml", 1, 2, 1), ("llama3-70b.yaml", 8, 1, 1), ("llama31-405b.yaml", 8, 2, 1)],
+    [("smollm2-local.yaml", 1, 2, 1), ("llama3-70b.yaml", 8, 1, 1), ("llama31-405b.yaml", 8, 2, 1),
+     ("llama31-405b-int8.yaml", 8, 1, 1)],
 )
 def test_examples_plan_and_render(name: str, tp: int, pp: int, groups: int) -> None:
     planned = run_largemodel("plan", "-f", str(EXAMPLES / name), "-o", "json")
@@ -41,6 +42,22 @@ def test_examples_plan_and_render(name: str, tp: int, pp: int, groups: int) -> N
     assert [d["kind"] for d in docs] == ["Secret"] + ["StatefulSet"] * groups + ["Service", "Service", "NetworkPolicy"]
     assert docs[1]["spec"]["replicas"] == pp
     assert len(docs[0]["stringData"]["secret"]) == 64  # a fresh group key per render
+
+
+def test_plan_reports_the_quantized_bytes_and_the_env_carries_the_quantization() -> None:
+    """`largemodel plan` on the int8 405B: one node, ~1.01 bytes a parameter; render ships MODEL_QUANTIZATION."""
+    report = json.loads(run_largemodel("plan", "-f", str(EXAMPLES / "llama31-405b-int8.yaml"), "-o", "json").stdout)
+    assert (report["plan"]["quantization"], report["plan"]["weightBytesPerParam"]) == ("int8", 1.0105)
+    assert report["totalGPUs"] == 8 and report["plan"]["weightGiBPerGPU"] == 47.74
+    bf16 = json.loads(run_largemodel("plan", "-f", str(EXAMPLES / "llama31-405b.yaml"), "-o", "json").stdout)
+    assert (bf16["plan"]["quantization"], bf16["plan"]["weightBytesPerParam"]) == ("none", 2.0)
+    rendered = run_largemodel("render", "-f", str(EXAMPLES / "llama31-405b-int8.yaml"))
+    sts = next(d for d in yaml.safe_load_all(rendered.stdout) if d["kind"] == "StatefulSet")
+    env = {e["name"]: e.get("value") for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["MODEL_QUANTIZATION"] == "int8"
+    deepspeed = (EXAMPLES / "llama31-405b-int8.yaml").read_text().replace("  replicas: 1", "  engine: deepspeed\n  replicas: 1")
+    refused = run_largemodel("plan", "-f", "-", stdin=deepspeed)
+    assert refused.returncode != 0 and "quantization=int8 with engine=deepspeed" in refused.stderr
 
 
 def test_plan_yaml_output_and_stdin() -> None:

@@ -141,6 +141,11 @@ BAD = [
     ("unknown gang mode", setp("spec.placement", {"gang": "yunikorn"}), "'yunikorn' is not one of"),
     ("collective timeout too short", setp("spec.restart", {"collectiveTimeoutSeconds": 1}),
      "1 is less than the minimum of 5"),
+    ("unknown quantization", setp("spec.model.quantization", "int4"), "'int4' is not one of"),
+    ("gguf without a gguf file", setp("spec.model.quantization", "gguf"),
+     "model.quantization gguf needs model.uri to name a .gguf file"),
+    ("quantized deepspeed", lambda b: (setp("spec.model.quantization", "int8")(b), setp("spec.engine", "deepspeed")(b)),
+     "model.quantization needs engine native"),
 ]
 
 

@@ -263,3 +263,133 @@ def test_examples_plan_without_warnings(example: Path) -> None:
 
     lm = api.LargeModel.model_validate(yaml.safe_load(example.read_text()))
     assert plan_parallelism(lm.spec).warnings == ()
+
+
+# --- Quantized weights (issue 19) ------------------------------------------------------------------
+
+# heads 16 x headDim 64 = 1024 and intermediateSize 1376 = 43 x 32: tp2 cuts down_proj's input into
+# 688-weight halves, which a 32-weight q4 block cannot span.
+BLOCKY = {"numAttentionHeads": 16, "numKeyValueHeads": 4, "numHiddenLayers": 4, "hiddenSize": 1024,
+          "intermediateSize": 1376, "vocabSize": 32000}
+
+
+@pytest.mark.parametrize(("quantization", "rows", "cols", "dtype_bytes", "expected"), [
+    ("none", 4096, 4096, 2, 4096 * 4096 * 2),
+    ("none", 4096, 4096, 4, 4096 * 4096 * 4),
+    ("int8", 4096, 4096, 2, 4096 * 4096 + 4096 * 2),  # 1 byte a weight + a bf16 scale per output row
+    ("int8", 4096, 4096, 4, 4096 * 4096 + 4096 * 4),  # the scale in the model dtype
+    ("q4", 4096, 4096, 2, 4096 * 4096 * 20 // 32),  # Q4_1: 20 bytes per 32 weights = 0.625 B/weight
+    ("q4", 4096, 4096, 4, 4096 * 4096 * 20 // 32),  # independent of the dtype
+    ("gguf", 4096, 4096, 2, 4096 * 4096 * 34 // 32),  # unread file: Q8_0's 34 bytes per 32
+])
+def test_linear_bytes_per_quantization(quantization: str, rows: int, cols: int, dtype_bytes: int,
+                                       expected: int) -> None:
+    from largemodel import modelfacts
+
+    assert modelfacts.linear_bytes(quantization, rows, cols, dtype_bytes) == expected
+
+
+def test_only_the_linears_are_quantized() -> None:
+    """Embedding, LM head and norms stay in dtype: q4 weight bytes = linears x 0.625 + the rest x 2."""
+    from largemodel import modelfacts
+
+    arch = api.Architecture.model_validate(LLAMA3_70B)
+    shapes = modelfacts.linear_shapes(hidden=8192, intermediate=28672, heads=64, kv_heads=8, head_dim=128)
+    linears = 80 * sum(r * c for r, c in shapes)
+    rest = LLAMA3_70B["parameters"] - linears
+    assert rest == 2 * 128256 * 8192 + (2 * 80 + 1) * 8192  # embedding, head, norms
+    q4 = plan_parallelism(spec(model={"uri": "pvc://m/m", "quantization": "q4", "architecture": LLAMA3_70B},
+                               parallelism={"tensor": 8, "pipeline": 1}))
+    assert q4.weight_bytes_per_param * arch.parameter_total == pytest.approx(linears * 0.625 + rest * 2)
+    assert q4.weight_gib_per_gpu == pytest.approx((linears * 0.625 + rest * 2) / 8 / GIB)
+
+
+def test_405b_int8_fits_one_node_at_tp8_pp1_where_bf16_needs_two() -> None:
+    serving = {"maxBatchSize": 32, "maxModelLen": 8192}
+    bf16 = plan_parallelism(spec(LLAMA31_405B, parallelism={"microBatches": 8}, serving=serving))
+    int8 = plan_parallelism(spec(model={"uri": "pvc://m/m", "quantization": "int8", "architecture": LLAMA31_405B},
+                                 parallelism={"microBatches": 8}, serving=serving))
+    assert (bf16.tp, bf16.pp) == (8, 2) and (int8.tp, int8.pp) == (8, 1)
+    assert int8.weight_gib_per_gpu == pytest.approx(47.74, abs=0.01)
+    assert int8.weight_bytes_per_param == pytest.approx(1.0105, abs=1e-4)  # 1 byte + scales, head in bf16
+    status = int8.to_status().model_dump(by_alias=True)
+    assert (status["quantization"], status["weightBytesPerParam"]) == ("int8", 1.0105)
+    assert bf16.to_status().model_dump(by_alias=True)["weightBytesPerParam"] == 2.0
+    # The smaller layouts lost on memory, and say so.
+    why = {r.tp: r.why for r in int8.rejected}
+    assert why[4].startswith("needs 129.0 GiB per GPU (weights 95.5 + KV cache 31.5")
+    assert why[3] == "tensor=3 does not divide numAttentionHeads=128 (any pipeline)"
+
+
+def test_405b_int8_with_the_full_kv_cache_of_64_x_8192_stays_tp8_pp2() -> None:
+    plan = plan_parallelism(spec(model={"uri": "pvc://m/m", "quantization": "int8", "architecture": LLAMA31_405B},
+                                 parallelism={"microBatches": 8}))
+    assert (plan.tp, plan.pp) == (8, 2)
+    why = {r.tp: r for r in plan.rejected}
+    assert why[8].pp == 1 and why[8].why.startswith("needs 81.2 GiB per GPU (weights 47.7 + KV cache 31.5")
+
+
+@pytest.mark.parametrize(("quantization", "valid"), [("none", [1, 2, 4, 8]), ("int8", [1, 2, 4, 8]), ("q4", [1])])
+def test_a_tp_that_splits_a_quantization_block_is_rejected(quantization: str, valid: list[int]) -> None:
+    s = spec(model={"uri": "pvc://m/m", "quantization": quantization, "architecture": BLOCKY})
+    assert valid_tensor_sizes(s, api.Architecture.model_validate(BLOCKY)) == valid
+    if quantization != "q4":
+        return
+    with pytest.raises(PlanError, match=r"^tensor=2 splits a q4 block of 32 weights: down_proj's input 1376 / "
+                                        r"tensor=2 = 688 is not a multiple of 32; valid tensor sizes: 1$"):
+        plan_parallelism(spec(model={"uri": "pvc://m/m", "quantization": "q4", "architecture": BLOCKY},
+                              parallelism={"tensor": 2, "pipeline": 1}))
+    auto = plan_parallelism(s)
+    assert auto.tp == 1
+    assert [r.why for r in auto.rejected if r.tp == 2] == [
+        "tensor=2 splits a q4 block of 32 weights: down_proj's input 1376 / tensor=2 = 688 is not a multiple "
+        "of 32 (any pipeline)"]
+
+
+def test_q4_needs_whole_blocks_in_every_row() -> None:
+    odd = {**BLOCKY, "hiddenSize": 1000, "headDim": 64}
+    with pytest.raises(PlanError, match="hiddenSize=1000 is not a multiple of the q4 block of 32 weights"):
+        plan_parallelism(spec(model={"uri": "pvc://m/m", "quantization": "q4", "architecture": odd},
+                              parallelism={"tensor": 1, "pipeline": 1}))
+    assert plan_parallelism(spec(model={"uri": "pvc://m/m", "quantization": "int8", "architecture": odd},
+                                 parallelism={"tensor": 1, "pipeline": 1})).tp == 1
+
+
+def test_quantization_is_refused_with_deepspeed_and_gguf_needs_a_gguf_file() -> None:
+    with pytest.raises(ValueError, match="quantization=int8 with engine=deepspeed: DeepSpeed AutoTP"):
+        spec(model={"uri": "pvc://m/m", "quantization": "int8", "architecture": LLAMA3_70B}, engine="deepspeed")
+    with pytest.raises(ValueError, match="quantization=gguf serves a GGUF file's own tensors: model.uri must name"):
+        spec(model={"uri": "pvc://m/m", "quantization": "gguf", "architecture": LLAMA3_70B})
+    assert spec(model={"uri": "pvc://m/m", "quantization": "none"}, engine="deepspeed").engine == "deepspeed"
+
+
+def test_gguf_from_a_file_plans_with_its_header_bytes_and_shapes() -> None:
+    """file:// .gguf: architecture and weight bytes come from the header, checked against gguf's own reader."""
+    gguf = pytest.importorskip("gguf", reason="the gguf package (runtime extra) reads the file independently")
+    from largemodel.runtime.modelstore import smollm2_gguf_path
+
+    path = smollm2_gguf_path()
+    s = spec(None, model={"uri": path.as_uri(), "quantization": "gguf", "dtype": "float32"},
+             parallelism={"tensor": "auto", "pipeline": 1}, gpu={"perNode": 8, "memoryGiB": 4},
+             serving={"maxBatchSize": 4, "maxModelLen": 256})
+    plan = plan_parallelism(s)
+    reader = gguf.GGUFReader(path)
+    file_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+    assert plan.parameters == sum(int(t.n_elements) for t in reader.tensors)
+    assert plan.weight_bytes_per_param * plan.parameters == pytest.approx(file_bytes)
+    assert plan.weight_gib_per_gpu == pytest.approx(file_bytes / GIB)
+    assert plan.quantization == "gguf" and plan.warnings == ()
+    arch = resolve_architecture(s)
+    assert (arch.num_attention_heads, arch.num_key_value_heads, arch.hidden_size, arch.tie_word_embeddings) == \
+        (9, 3, 576, True)
+    # SmolLM2's 9 heads allow tp 1, 3, 9; 576/3 = 192 and 1536/3 = 512 are whole Q4_1 blocks.
+    assert valid_tensor_sizes(s, arch) == [1, 3]
+
+
+def test_gguf_the_operator_cannot_read_is_estimated_and_says_so() -> None:
+    plan = plan_parallelism(spec(model={"uri": "pvc://m/llama3-70b.Q4_1.gguf", "quantization": "gguf",
+                                        "architecture": LLAMA3_70B}, parallelism={"tensor": 8, "pipeline": 1}))
+    q8 = plan_parallelism(spec(model={"uri": "pvc://m/m", "quantization": "int8", "architecture": LLAMA3_70B},
+                               parallelism={"tensor": 8, "pipeline": 1}))
+    assert 1.0 < q8.weight_bytes_per_param < plan.weight_bytes_per_param < 1.1  # Q8_0's 1.0625 on the linears
+    assert len(plan.warnings) == 1 and plan.warnings[0].startswith("quantization=gguf: the planner cannot read")

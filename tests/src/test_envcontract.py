@@ -16,7 +16,7 @@ GROUP = RankGroupEnv(master_addr="m-g1-0.m-ranks.ns.svc", master_port=29500, tp=
                      model_uri="pvc://models/m", model_dtype="bfloat16", micro_batches=12, engine="native",
                      http_port=8001, grpc_port=9001, metrics_port=9101, max_batch_size=16, max_queue=32,
                      max_model_len=4096, model_name="m", layers_per_stage=(11, 11, 8),
-                     prefix_cache=False, kv_cache_blocks=1234)
+                     prefix_cache=False, kv_cache_blocks=1234, model_quantization="int8")
 
 
 def test_rank_env_reads_back_everything_the_group_env_writes() -> None:
@@ -35,7 +35,8 @@ def test_rank_env_reads_back_everything_the_group_env_writes() -> None:
                                                 "TP_SIZE", "PP_SIZE", "GROUP_INDEX", "MODEL_URI", "MODEL_DTYPE",
                                                 "MICRO_BATCHES", "ENGINE", "HTTP_PORT", "GRPC_PORT", "METRICS_PORT",
                                                 "MAX_BATCH_SIZE", "MAX_QUEUE", "MAX_MODEL_LEN", "MODEL_NAME",
-                                                "LAYERS_PER_STAGE", "PREFIX_CACHE", "KV_CACHE_BLOCKS")}
+                                                "LAYERS_PER_STAGE", "PREFIX_CACHE", "KV_CACHE_BLOCKS",
+                                                "MODEL_QUANTIZATION")}
 
 
 def test_one_set_of_defaults_the_apis() -> None:
@@ -51,6 +52,7 @@ def test_one_set_of_defaults_the_apis() -> None:
     assert env.layers_per_stage == () and env.group_index == 0 and env.micro_batches == 1
     # The prefix cache is on unless the operator says otherwise; 0 blocks: the runtime derives them.
     assert env.prefix_cache is serving.prefix_cache is True and env.kv_cache_blocks == 0
+    assert env.model_quantization == api.ModelSource(uri="pvc://m/m").quantization == "none"
 
 
 def test_prefix_cache_flag_values() -> None:
@@ -80,6 +82,7 @@ def test_kv_cache_blocks_hold_every_slot_at_full_length() -> None:
     ("PREFIX_CACHE", "true", "PREFIX_CACHE='true' must be 1 or 0"),
     ("KV_CACHE_BLOCKS", "-3", "KV_CACHE_BLOCKS=-3 must be >= 0"),
     ("KV_CACHE_BLOCKS", "many", "KV_CACHE_BLOCKS='many' is not an integer"),
+    ("MODEL_QUANTIZATION", "int4", "MODEL_QUANTIZATION='int4' must be one of none, int8, q4, gguf"),
 ])
 def test_bad_values_name_their_variable(name: str, value: str, message: str) -> None:
     with pytest.raises(EnvContractError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -116,3 +119,21 @@ def test_builders_ship_the_plan_split_and_the_runtime_checks_it(tmp_path: Path) 
                                                             plan.layers_per_stage[1] + 1))
     with pytest.raises(EnvContractError, match="operator and runtime versions disagree"):
         check_planned_split(tmp_path, skewed)
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "q4", "gguf"])
+def test_the_pods_get_spec_model_quantization(quantization: str) -> None:
+    """spec.model.quantization reaches every rank as MODEL_QUANTIZATION and reads back unchanged."""
+    from largemodel.operator.builders import group_env
+    from largemodel.operator.planner import plan_parallelism
+
+    arch = {"numAttentionHeads": 8, "numKeyValueHeads": 2, "numHiddenLayers": 6, "hiddenSize": 256,
+            "intermediateSize": 512, "vocabSize": 1000}
+    uri = "pvc://models/m.gguf" if quantization == "gguf" else "pvc://models/m"
+    lm = api.LargeModel.model_validate({
+        "apiVersion": api.API_VERSION, "kind": "LargeModel", "metadata": {"name": "m", "namespace": "ns"},
+        "spec": {"model": {"uri": uri, "architecture": arch, "quantization": quantization},
+                 "parallelism": {"tensor": 2, "pipeline": 1}}})
+    env = {e["name"]: e["value"] for e in group_env(lm, plan_parallelism(lm.spec), 0) if "value" in e}
+    assert env[envcontract.MODEL_QUANTIZATION] == quantization
+    assert RankEnv.from_environ({**env, envcontract.NODE_RANK: "0"}).model_quantization == quantization

@@ -33,11 +33,13 @@ SHAPES = [  # (heads, kv heads, intermediate)
 ]
 
 
-def planner_admits(heads: int, kv: int, inter: int, tp: int, pp: int, engine: str) -> bool:
-    arch = {"numAttentionHeads": heads, "numKeyValueHeads": kv, "numHiddenLayers": LAYERS, "hiddenSize": heads * HEAD_DIM,
+def planner_admits(heads: int, kv: int, inter: int, tp: int, pp: int, engine: str, quantization: str = "none",
+                   head_dim: int = HEAD_DIM) -> bool:
+    arch = {"numAttentionHeads": heads, "numKeyValueHeads": kv, "numHiddenLayers": LAYERS, "hiddenSize": heads * head_dim,
             "intermediateSize": inter, "vocabSize": 50}
     spec = api.LargeModelSpec.model_validate({
-        "model": {"uri": "pvc://m/m", "dtype": "float32", "architecture": arch}, "engine": engine,
+        "model": {"uri": "pvc://m/m", "dtype": "float32", "architecture": arch, "quantization": quantization},
+        "engine": engine,
         "parallelism": {"tensor": tp, "pipeline": pp, "microBatches": 4 * pp},
         "gpu": {"perNode": 8, "memoryGiB": 1000}, "serving": {"maxBatchSize": 4, "maxModelLen": 64}})
     try:
@@ -52,10 +54,16 @@ def _covers(ranges: list[tuple[int, int]], size: int) -> bool:
         and all(b > a for a, b in ranges)
 
 
-def native_runs(heads: int, kv: int, inter: int, tp: int, pp: int, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Build every stage and every TP rank's shard without the shared rule; True when the result is sound."""
-    config = ModelConfig(vocab_size=50, hidden_size=heads * HEAD_DIM, intermediate_size=inter, num_hidden_layers=LAYERS,
-                         num_attention_heads=heads, num_key_value_heads=kv, head_dim=HEAD_DIM)
+def native_runs(heads: int, kv: int, inter: int, tp: int, pp: int, monkeypatch: pytest.MonkeyPatch,
+                block: int = 1, head_dim: int = HEAD_DIM) -> bool:
+    """Build every stage and every TP rank's shard without the shared rule; True when the result is sound.
+
+    With a quantization `block` (weights per block along a row) every row must be whole blocks and every
+    row-parallel shard (o_proj, down_proj: the input dimension) must start and stop on a block boundary."""
+    config = ModelConfig(vocab_size=50, hidden_size=heads * head_dim, intermediate_size=inter, num_hidden_layers=LAYERS,
+                         num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim)
+    if any(width % block for width in (heads * head_dim, inter)):
+        return False
     try:
         stages = [stage_layer_range(LAYERS, pp, s, config.head_layers) for s in range(pp)]
     except ValueError:
@@ -71,19 +79,22 @@ def native_runs(heads: int, kv: int, inter: int, tp: int, pp: int, monkeypatch: 
             shards = parallel.apply_tensor_parallel(model, parallel.ParallelContext(tp=tp, pp=pp, tp_rank=rank))
             if tp == 1:
                 return True
+            rows = [shards[f"model.layers.0.{name}.weight"] for name in ("self_attn.o_proj", "mlp.down_proj")]
+            if any(shard.start % block or shard.stop % block for shard in rows):
+                return False
             q = shards["model.layers.0.self_attn.q_proj.weight"]
             k = shards["model.layers.0.self_attn.k_proj.weight"]
             q_ranges.append((q.start, q.stop))
             inner_ranges.append((shards["model.layers.0.mlp.gate_proj.weight"].start,
                                  shards["model.layers.0.mlp.gate_proj.weight"].stop))
             # GQA: query head h reads KV head h // (heads // kv); this rank must hold all it reads.
-            read = {h // (heads // kv) for h in range(q.start // HEAD_DIM, q.stop // HEAD_DIM)}
-            held = set(range(k.start // HEAD_DIM, k.stop // HEAD_DIM))
-            if not read or not read <= held or k.stop > kv * HEAD_DIM:
+            read = {h // (heads // kv) for h in range(q.start // head_dim, q.stop // head_dim)}
+            held = set(range(k.start // head_dim, k.stop // head_dim))
+            if not read or not read <= held or k.stop > kv * head_dim:
                 return False
     finally:
         monkeypatch.undo()
-    return _covers(q_ranges, heads * HEAD_DIM) and _covers(inner_ranges, inter)
+    return _covers(q_ranges, heads * head_dim) and _covers(inner_ranges, inter)
 
 
 def deepspeed_runs(heads: int, kv: int, inter: int, tp: int, pp: int, tmp_path: Path,
@@ -131,6 +142,26 @@ def test_deepspeed_engine_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         if admitted != runs:
             disagree.append((heads, kv, inter, tp, pp, admitted, runs))
     assert not disagree, f"planner vs load_autotp (heads, kv, inter, tp, pp, admitted, runs): {disagree[:10]}"
+
+
+Q4_HEAD_DIM = 16
+Q4_SHAPES = [(8, 8, 64), (8, 2, 64), (12, 4, 96), (6, 2, 192), (8, 4, 1376), (10, 2, 160)]
+
+
+@pytest.mark.parametrize("quantization", ["int8", "q4"])
+def test_native_engine_sweep_quantized(quantization: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """q4's 32-weight blocks: the planner admits a tp exactly when the row-parallel shards land on blocks."""
+    block = modelfacts.quantization_block(quantization)
+    disagree: list[Any] = []
+    for (heads, kv, inter), tp, pp in itertools.product(Q4_SHAPES, range(1, 9), range(1, 3)):
+        admitted = planner_admits(heads, kv, inter, tp, pp, "native", quantization, Q4_HEAD_DIM)
+        runs = native_runs(heads, kv, inter, tp, pp, monkeypatch, block, Q4_HEAD_DIM)
+        if admitted != runs:
+            disagree.append((heads, kv, inter, tp, pp, admitted, runs))
+    assert not disagree, f"planner vs runtime (heads, kv, inter, tp, pp, admitted, runs): {disagree[:10]}"
+    # The sweep reaches the block rule: some tp that divides everything still splits a q4 block.
+    assert quantization == "int8" or not planner_admits(8, 4, 1376, 2, 1, "native", "q4", Q4_HEAD_DIM)
+    assert planner_admits(8, 4, 1376, 2, 1, "native", "none", Q4_HEAD_DIM)
 
 
 def test_the_issue_cases() -> None:
