@@ -128,22 +128,26 @@ def template_revision(lm: api.LargeModel, plan: Plan) -> str:
     return digest[:10]
 
 
-def group_env(lm: api.LargeModel, plan: Plan, group: int) -> list[dict[str, Any]]:
-    """The env contract of one group's pods: group-wide values plus NODE_RANK from the pod index."""
+def rank_group_env(lm: api.LargeModel, plan: Plan, group: int, *, master_addr: str | None = None,
+                   master_port: int = envcontract.DEFAULT_MASTER_PORT, model_uri: str | None = None,
+                   http_port: int | None = None, grpc_port: int | None = None) -> envcontract.RankGroupEnv:
+    """What one group's ranks are told, from the LargeModel and its plan: the one place that maps the API onto
+    the env contract, for the operator's pods and for `largemodel run` (which overrides address, ports and
+    the model path)."""
     spec = lm.spec
-    contract = envcontract.RankGroupEnv(
-        master_addr=envcontract.master_address(lm.metadata.name, group, lm.metadata.namespace),
-        master_port=envcontract.DEFAULT_MASTER_PORT,
+    return envcontract.RankGroupEnv(
+        master_addr=master_addr or envcontract.master_address(lm.metadata.name, group, lm.metadata.namespace),
+        master_port=master_port,
         tp=plan.tp,
         pp=plan.pp,
         group_index=group,
-        model_uri=spec.model.uri,
+        model_uri=model_uri or spec.model.uri,
         model_dtype=spec.model.dtype,
         model_quantization=spec.model.quantization,
         micro_batches=plan.micro_batches,
         engine=spec.engine,
-        http_port=spec.serving.http_port,
-        grpc_port=spec.serving.grpc_port,
+        http_port=spec.serving.http_port if http_port is None else http_port,
+        grpc_port=spec.serving.grpc_port if grpc_port is None else grpc_port,
         metrics_port=spec.serving.metrics_port,
         max_batch_size=spec.serving.max_batch_size,
         max_queue=spec.serving.max_queue,
@@ -153,6 +157,12 @@ def group_env(lm: api.LargeModel, plan: Plan, group: int) -> list[dict[str, Any]
         prefix_cache=spec.serving.prefix_cache,
         kv_cache_blocks=plan.kv_cache_blocks,
     )
+
+
+def group_env(lm: api.LargeModel, plan: Plan, group: int) -> list[dict[str, Any]]:
+    """The env contract of one group's pods: group-wide values plus NODE_RANK from the pod index."""
+    spec = lm.spec
+    contract = rank_group_env(lm, plan, group)
     env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in contract.as_env().items()]
     for var in (envcontract.NODE_RANK, envcontract.LWS_WORKER_INDEX):
         env.append({"name": var, "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX_LABEL}']"}}})

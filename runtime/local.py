@@ -95,13 +95,11 @@ def main(argv: list[str]) -> int:
             print(f"largemodel run: error: port {port} on {LOCALHOST} is in use; pass {flag} N (0 picks a free one)",
                   file=sys.stderr)
             return EXIT_USAGE
-    group = envcontract.RankGroupEnv(
-        master_addr=LOCALHOST, master_port=free_port_pair(), tp=plan.tp, pp=plan.pp, group_index=0,
-        model_uri=model_dir.resolve().as_uri(), model_dtype=lm.spec.model.dtype, micro_batches=plan.micro_batches,
-        engine=lm.spec.engine, http_port=http_port, grpc_port=grpc_port, metrics_port=serving.metrics_port,
-        max_batch_size=serving.max_batch_size, max_queue=serving.max_queue, max_model_len=serving.max_model_len,
-        model_name=lm.metadata.name, layers_per_stage=plan.layers_per_stage,
-    )
+    # The same mapping of the LargeModel onto the env contract as the operator's pods get (builders.py).
+    from largemodel.operator.builders import rank_group_env
+
+    group = rank_group_env(lm, plan, 0, master_addr=LOCALHOST, master_port=free_port_pair(),
+                           model_uri=model_dir.resolve().as_uri(), http_port=http_port, grpc_port=grpc_port)
     log.info("run.plan name=%s tp=%d pp=%d micro_batches=%d layers_per_stage=%s model_dir=%s",
              lm.metadata.name, plan.tp, plan.pp, plan.micro_batches, list(plan.layers_per_stage), model_dir)
     signal.signal(signal.SIGTERM, _raise_stop)
