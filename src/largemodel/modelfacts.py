@@ -258,8 +258,8 @@ def valid_tensor_sizes(*, heads: int, kv_heads: int, intermediate: int, limit: i
 # --- Quantized weights (issue 19) -----------------------------------------------------------------
 #
 # Only the linear weights of attention (q, k, v, o) and the MLP (gate, up, down) are quantized; the
-# embedding, the LM head, the norms and every bias stay in the model dtype (llama.cpp's and vLLM's
-# default too: both leave the embedding and the head unquantized for int8/4-bit weight-only schemes).
+# embedding, the LM head, the norms and every bias stay in the model dtype (as in the checkpoints vLLM
+# serves; llama.cpp files often quantize those too, so gguf counts the file's own tensor bytes).
 # Blocked formats group QUANT_BLOCK consecutive weights of one row (the input dimension), so a
 # column-parallel split (output rows) never cuts a block and a row-parallel split (o_proj, down_proj:
 # the input dimension) must land on a block boundary.
