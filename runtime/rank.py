@@ -190,7 +190,11 @@ def start_native(model_dir: Path, ctx: object, env: RankEnv, max_batch: int, max
     from largemodel.runtime.weights import build_stage, parse_dtype
 
     assert isinstance(ctx, ParallelContext)
-    model, _seconds = build_stage(model_dir, ctx, parse_dtype(env.model_dtype), ctx.device, max_batch, max_len)
+    # Issue 19: a local reader of MODEL_QUANTIZATION until RankEnv carries envcontract.MODEL_QUANTIZATION.
+    from largemodel.runtime.quant import quantization_from_env
+
+    model, _seconds = build_stage(model_dir, ctx, parse_dtype(env.model_dtype), ctx.device, max_batch, max_len,
+                                  quantization=quantization_from_env())
     on_loaded()
     if ctx.rank != 0:
         worker_loop(model, ctx)
