@@ -125,6 +125,6 @@ def dequantize_int8(model: nn.Module, dtype: torch.dtype = torch.float32) -> int
             module.weight = nn.Parameter(weight, requires_grad=False)
             if module.bias is not None:
                 module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
-            module.__class__ = cpu_kernels.Linear if weight.device.type == "cpu" else nn.Linear
+            module.__class__ = cpu_kernels.Linear if weight.device.type == "cpu" else nn.Linear  # type: ignore[assignment]
             count += 1
     return count
