@@ -165,6 +165,30 @@ def engine_decode(engine: Engine, prompts: list[list[int]], new_tokens: int) -> 
     return len(prompts) * (new_tokens - 1) / (time.perf_counter() - began), out
 
 
+def int8_rows(model_dir: Path, prompts: list[list[int]], new_tokens: int, device: torch.device, dtype: torch.dtype,
+              rounds: int) -> dict[str, Any]:
+    """Issue 19: our engine with MODEL_QUANTIZATION=int8 against the same engine unquantized, in this run:
+    batch-1 and batch-16 decode tokens/s (medians of alternating rounds) and the int8/float ratios."""
+    engines = {q: Engine(build_stage(model_dir, ParallelContext(device=device), dtype, device, 16, MAX_LEN,
+                                     quantization=q)[0], ParallelContext(device=device)) for q in ("none", "int8")}
+    runs: dict[str, dict[int, list[float]]] = {q: {1: [], 16: []} for q in engines}
+    tokens: dict[str, list[int]] = {}
+    for engine in engines.values():
+        engine_decode(engine, [prompts[0]], 4)  # warm-up
+    for _ in range(rounds):
+        for q, engine in engines.items():
+            for b in (1, 16):
+                tps, out = engine_decode(engine, prompts[:b], new_tokens)
+                runs[q][b].append(tps)
+                tokens[q] = out[0]
+    for engine in engines.values():
+        engine.shutdown()
+    med = {q: {b: sorted(v)[len(v) // 2] for b, v in r.items()} for q, r in runs.items()}
+    return {"tok_s": med, "runs": runs, "int8_vs_float_batch1": med["int8"][1] / med["none"][1],
+            "int8_vs_float_batch16": med["int8"][16] / med["none"][16],
+            "same_first_tokens": sum(a == b for a, b in zip(tokens["int8"], tokens["none"], strict=True))}
+
+
 def decode_bytes_per_step(engine: Engine, context: int) -> int:
     """Bytes one batch-1 decode step must read: weights (one embedding row only, unless the LM head is the
     embedding table, tied) plus its KV cache."""
@@ -280,6 +304,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bfloat16 repeat of the batch-1 duel")
     parser.add_argument("--no-pp", action="store_true", help="skip the PP=2 measurement")
+    parser.add_argument("--int8", action="store_true",
+                        help="add the int8 row (MODEL_QUANTIZATION=int8 vs the same engine unquantized)")
     parser.add_argument("--pp-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -327,6 +353,8 @@ def main() -> int:
                                   for _ in range(args.rounds))[args.rounds // 2] for b in (1, 16)}
     engine.shutdown()
     del engine
+    if args.int8:
+        res["int8"] = int8_rows(model_dir, prompts, args.tokens, device, dtype, args.rounds)
     if not cuda and not args.no_bf16:
         # The same checkpoint in bfloat16 for both sides: half the bytes per decode step.
         bf16 = batch1_duel(model_dir, prompts[0], args.tokens, device, torch.bfloat16, args.rounds)

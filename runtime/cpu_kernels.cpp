@@ -1,5 +1,6 @@
 // CPU decode kernels for the engine (loaded by runtime/cpu_kernels.py):
 //   small_linear      y = x @ w.T (+ bias) for the few activation rows of a decode step;
+//   int8_linear       the same for an int8 weight with one fp32 scale per output row (weight-only int8);
 //   rms_norm          transformers' LlamaRMSNorm in one pass; add_rms_norm: the residual add first;
 //   silu_mul          SwiGLU's silu(gate) * up over a fused gate/up output;
 //   decode_attention  RoPE, paged KV-cache write and GQA attention of one decode token per row.
@@ -99,6 +100,24 @@ inline vf loadv(const uint16_t* p) {
   return widen(h);
 }
 inline vf loadv(const at::BFloat16* p) { return loadv(reinterpret_cast<const uint16_t*>(p)); }
+// int8 -> fp32 is exact (sign-extend, convert): an int8 weight row streams at a quarter of fp32's bytes.
+// Per level, like vfma: GCC 12 scalarizes __builtin_convertvector from an 8- or 16-byte int8 vector.
+inline vf loadv(const int8_t* p) {
+#if defined(LARGEMODEL_ISA_AVX512)
+  return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(LARGEMODEL_ISA_AVX2)
+  return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#elif defined(LARGEMODEL_ISA_NEON)
+  int32_t word;
+  std::memcpy(&word, p, sizeof word);
+  const int16x8_t h = vmovl_s8(vreinterpret_s8_s32(vdup_n_s32(word)));
+  return (vf)vcvtq_f32_s32(vmovl_s16(vget_low_s16(h)));
+#else
+  vi v;
+  for (int i = 0; i < W; ++i) v[i] = p[i];
+  return __builtin_convertvector(v, vf);
+#endif
+}
 // fp32 -> bf16 rounded to nearest even, NaN to the quiet 0x7FC0: at::BFloat16's conversion, W lanes at once.
 inline vh narrow(vf v) {
   const vu u = (vu)v;
@@ -234,6 +253,49 @@ at::Tensor small_linear(const at::Tensor& input, const at::Tensor& weight, const
       if (bp)
         for (int64_t i = 0; i < rows_n; ++i)
           for (int64_t r = r0; r < r1; ++r) yp[i * out + r] += bp[r];
+    }
+  });
+  auto shape = input.sizes().vec();
+  shape.back() = out;
+  return result.view(shape);
+}
+
+// y = (x @ w.T) * scale[r] (+ bias) for an int8 weight [out, in] and fp32 per-output-row scales [out]:
+// weight-only int8 (per-channel symmetric). The int8 row widens to fp32 in registers (exact), FMAs
+// against the fp32 activations like small_linear, and the row's sum is multiplied by its scale once at
+// the end; output rows are split over torch's intra-op threads as small_linear's are. Any row count
+// works (more than 4 rows are taken 4 at a time against the weight row, then in L1).
+at::Tensor int8_linear(const at::Tensor& input, const at::Tensor& weight, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu() && scale.device().is_cpu(),
+              "int8_linear: CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kChar,
+              "int8_linear: weight must be a contiguous int8 matrix");
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16,
+              "int8_linear: float32 or bfloat16 activations only");
+  const int64_t in = weight.size(1), out = weight.size(0);
+  TORCH_CHECK(input.size(-1) == in, "int8_linear: input has ", input.size(-1), " features, weight ", in);
+  TORCH_CHECK(scale.numel() == out, "int8_linear: ", scale.numel(), " scales for ", out, " output rows");
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
+  auto x = input.reshape({-1, in}).to(at::kFloat).contiguous();
+  const int64_t rows_n = x.size(0);
+  auto result = at::empty({rows_n, out}, input.options());
+  auto scratch = bf16 ? at::empty({rows_n, out}, x.options()) : result;
+  float* yp = scratch.mutable_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  auto s = scale.to(at::kFloat).contiguous();
+  const float* sp = s.const_data_ptr<float>();
+  at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const auto* wp = weight.const_data_ptr<int8_t>();
+  at::parallel_for(0, out, 64, [&](int64_t r0, int64_t r1) {
+    rows(xp, rows_n, in, wp, yp, out, r0, r1);
+    for (int64_t i = 0; i < rows_n; ++i)
+      for (int64_t r = r0; r < r1; ++r) yp[i * out + r] = yp[i * out + r] * sp[r] + (bp ? bp[r] : 0.f);
+    if (bf16) {
+      auto* op = result.mutable_data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < rows_n; ++i)
+        for (int64_t r = r0; r < r1; ++r) op[i * out + r] = at::BFloat16(yp[i * out + r]);
     }
   });
   auto shape = input.sizes().vec();
@@ -562,6 +624,7 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
 
 LARGEMODEL_LIBRARY(LARGEMODEL_NS, m) {
   m.def("small_linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("int8_linear(Tensor input, Tensor weight, Tensor scale, Tensor? bias=None) -> Tensor");
   m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor input, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
@@ -571,6 +634,7 @@ LARGEMODEL_LIBRARY(LARGEMODEL_NS, m) {
 
 LARGEMODEL_LIBRARY_IMPL(LARGEMODEL_NS, CPU, m) {
   m.impl("small_linear", &small_linear);
+  m.impl("int8_linear", &int8_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_mul", &silu_mul);

@@ -68,6 +68,10 @@ BY_NAME = {level.name: level for level in LEVELS}
 # Activation rows up to which the kernel is the fastest path measured here; from there on arithmetic,
 # not the weight stream, is the limit and oneDNN's GEMM does as well or better.
 MAX_ROWS = 4
+# Activation rows up to which int8_linear's kernel runs (it widens each int8 weight once per 4 rows);
+# beyond, the weight is dequantized in row chunks for oneDNN/MKL's GEMM (see int8_linear).
+INT8_MAX_ROWS = 16
+INT8_CHUNK_ELEMENTS = 2**22  # weight elements dequantized at a time by the fallback (16 MiB of fp32)
 
 _ops: Any = None  # torch.ops.largemodel_<level> of the level in use
 _level: str | None = None
@@ -290,6 +294,27 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         if _onednn is not None and x.dtype == torch.float32:
             return _onednn(x, weight, bias, "none", [], "")
     return torch.nn.functional.linear(x, weight, bias)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ (weight * scale[:, None]).T (+ bias) for an int8 weight [out, in] and fp32 row scales [out].
+
+    CPU inference up to INT8_MAX_ROWS rows: the int8_linear kernel. Otherwise (more rows, no kernels,
+    another device or dtype) each chunk of INT8_CHUNK_ELEMENTS weights is dequantized to x's dtype and
+    multiplied by `linear` (oneDNN on CPU), so no full-size float copy of the weight ever exists.
+    """
+    rows = x.numel() // max(1, x.shape[-1])
+    if (_ops is not None and x.device.type == "cpu" and rows <= INT8_MAX_ROWS and not torch.is_grad_enabled()
+            and x.dtype in (torch.float32, torch.bfloat16) and weight.is_contiguous()):
+        return _ops.int8_linear(x, weight, scale, bias)
+    out, inner = weight.shape
+    step = max(1, INT8_CHUNK_ELEMENTS // max(1, inner))
+    parts = []
+    for r0 in range(0, out, step):
+        w = weight[r0:r0 + step].to(x.dtype) * scale[r0:r0 + step, None].to(x.dtype)
+        parts.append(linear(x, w, None if bias is None else bias[r0:r0 + step]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
 def _fused(x: torch.Tensor, *others: torch.Tensor) -> bool:

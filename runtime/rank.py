@@ -191,7 +191,7 @@ def start_native(model_dir: Path, ctx: object, env: RankEnv, max_batch: int, max
 
     assert isinstance(ctx, ParallelContext)
     model, _seconds = build_stage(model_dir, ctx, parse_dtype(env.model_dtype), ctx.device, max_batch, max_len,
-                                  num_blocks=env.kv_cache_blocks)
+                                  num_blocks=env.kv_cache_blocks, quantization=env.model_quantization)
     on_loaded()
     if ctx.rank != 0:
         worker_loop(model, ctx)

@@ -33,6 +33,7 @@ from largemodel.partition import stage_layer_range
 from largemodel.runtime import cpu_kernels
 from largemodel.runtime.model import CausalLM, ModelConfig, ModelConfigError, load_config
 from largemodel.runtime.parallel import ParallelContext, Shard, apply_tensor_parallel
+from largemodel.runtime.quant import apply_quantization, quantize_rows
 from largemodel.runtime.transforms import apply_cpu_kernels, checkpoint_tensors, fuse_projections
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ def checkpoint_index(model_dir: Path) -> dict[str, Path]:
 
 
 # safetensors dtype names -> torch dtypes the direct reader may copy bytes for.
-_FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+_FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8}
+SCALE_SUFFIX = "_scale"  # `<name>.weight_scale`: an int8 weight's fp32 row scales (quant.Int8Linear)
 
 
 @dataclass(frozen=True)
@@ -152,10 +154,11 @@ def read_shard(file: Path, name: str, shard: Shard | None) -> Tensor:
     return part
 
 
-def empty_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype,
-                device: torch.device) -> tuple[CausalLM, ModelConfig, dict[str, Shard]]:
+def empty_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
+                quantization: str = "none") -> tuple[CausalLM, ModelConfig, dict[str, Shard]]:
     """This rank's stage, cut and transformed on the meta device, then allocated (not yet loaded):
-    (model, config, the TP shard of each parameter)."""
+    (model, config, the TP shard of each parameter). `quantization` (MODEL_QUANTIZATION) "int8"
+    makes the attention/MLP projections quant.Int8Linear after the dtype cast (their scales stay fp32)."""
     config = load_config(model_dir)
     problem = modelfacts.pipeline_problem(layers=config.num_hidden_layers, pp=ctx.pp)
     if problem:
@@ -167,23 +170,26 @@ def empty_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype,
     fuse_projections(model)  # q/k/v and gate/up as one Linear each; loading fills their row blocks
     if device.type == "cpu":
         apply_cpu_kernels(model)  # kernel-backed modules; each call still falls back to torch's op
-    model = model.to(dtype).to_empty(device=device).eval()
+    model = model.to(dtype)
+    apply_quantization(model, quantization)  # after the cast: int8 weights and fp32 scales keep their dtypes
+    model = model.to_empty(device=device).eval()
     if model.lm_head is not None and model.model.embed_tokens is not None and config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # one copy; named_parameters yields it once
     return model, config, shards
 
 
 def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
-                max_batch: int, max_len: int, num_blocks: int = 0) -> tuple[CausalLM, float]:
+                max_batch: int, max_len: int, num_blocks: int = 0,
+                quantization: str = "none") -> tuple[CausalLM, float]:
     """This rank's stage model with weights loaded and KV caches allocated; returns (model, seconds).
 
     `num_blocks`: KV-cache blocks (model.BLOCK_SIZE tokens each); 0 or too few for max_batch x max_len
-    means exactly that many (CausalLM.setup_caches).
+    means exactly that many (CausalLM.setup_caches). `quantization`: spec.model.quantization (runtime/quant.py).
     """
     began = time.perf_counter()
     if device.type == "cpu":
         cpu_kernels.load()  # the decode GEMV kernel: built once per machine, logged, optional
-    model, config, shards = empty_stage(model_dir, ctx, dtype, device)
+    model, config, shards = empty_stage(model_dir, ctx, dtype, device, quantization)
     nbytes = load_weights(model, config, Path(model_dir), shards)
     model.setup_caches(max_batch, max_len, dtype, device, num_blocks=num_blocks)
     seconds = time.perf_counter() - began
@@ -191,8 +197,8 @@ def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
     metrics.MODEL_LOAD_BYTES.labels(rank=str(ctx.rank)).set(nbytes)
     metrics.MODEL_LOAD_RATE.labels(rank=str(ctx.rank)).set(nbytes / seconds if seconds > 0 else 0.0)
     layers = [int(i) for i in model.model.layers]  # global indices, in order
-    log.info("event=load_done rank=%d stage=%d layers=%d-%d shard_mib=%.1f seconds=%.2f rate_mb_s=%.1f",
-             ctx.rank, ctx.pp_rank, layers[0], layers[-1], nbytes / 2**20, seconds,
+    log.info("event=load_done rank=%d stage=%d layers=%d-%d quantization=%s shard_mib=%.1f seconds=%.2f "
+             "rate_mb_s=%.1f", ctx.rank, ctx.pp_rank, layers[0], layers[-1], quantization, nbytes / 2**20, seconds,
              nbytes / 1e6 / seconds if seconds > 0 else 0.0)
     return model, seconds
 
@@ -209,11 +215,16 @@ def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: 
     Whole tensors and row shards become `READ_CHUNK` byte ranges read by `load_threads()` readers straight
     into the parameters while this thread fills the rest through `read_shard`. A fused parameter is
     filled block by block: checkpoint_tensors names each of its row blocks (views of its memory) by
-    the checkpoint tensor read into it."""
+    the checkpoint tensor read into it.
+
+    An int8 weight (quant.Int8Linear) whose checkpoint tensor is a float one is read the same way, then
+    quantized per row into the weight and its `weight_scale` rows; a pre-quantized checkpoint's I8
+    weight and `<name>.weight_scale` are read as they are (the scales sliced like the weight's rows)."""
     files = checkpoint_index(model_dir)
     entries: dict[Path, dict[str, TensorEntry]] = {}
     fds: dict[Path, int] = {}
     params = checkpoint_tensors(model)
+    scales = {name[: -len(SCALE_SUFFIX)]: t for name, t in params if name.endswith(".weight" + SCALE_SUFFIX)}
     total = sum(param.numel() * param.element_size() for _, param in params)
     done, last_log, began = 0, time.perf_counter(), time.perf_counter()
     pending: set[Future[int]] = set()
@@ -237,9 +248,15 @@ def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: 
             key = name
             if key not in files and name == "lm_head.weight" and config.tie_word_embeddings:
                 key = "model.embed_tokens.weight"
+            weight_key = key[: -len(SCALE_SUFFIX)] if key.endswith(".weight" + SCALE_SUFFIX) else None
+            if weight_key is not None and key not in files and weight_key in files:
+                continue  # quantized at load: filled with its weight below
             if key not in files:
                 raise ModelConfigError(f"checkpoint in {model_dir} has no tensor {key!r}")
             shard = shards.get(name)
+            if weight_key is not None and shard is None:  # row scales: the rows its weight's shard holds
+                row_shard = shards.get(name[: -len(SCALE_SUFFIX)])
+                shard = row_shard if row_shard is not None and row_shard.dim == 0 else None
             file = files[key]
             nbytes = param.numel() * param.element_size()
             with torch.no_grad():
@@ -259,6 +276,20 @@ def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: 
                                                    min(READ_CHUNK, count - at)))
                     continue
                 part = read_shard(file, key, shard)
+                if part.dtype == torch.int8 and param.dtype != torch.int8:
+                    raise ModelConfigError(f"tensor {key!r} is int8 in the checkpoint: a pre-quantized "
+                                           "checkpoint needs MODEL_QUANTIZATION=int8")
+                if param.dtype == torch.int8 and part.is_floating_point() and name in scales:
+                    if part.shape != param.shape:
+                        raise ModelConfigError(f"tensor {key!r} has shape {tuple(part.shape)}, "
+                                               f"expected {tuple(param.shape)}")
+                    q, scale = quantize_rows(part)
+                    param.copy_(q)
+                    scales[name].copy_(scale)
+                    done += nbytes + scale.numel() * scale.element_size()
+                    collect(block=False)
+                    progress()
+                    continue
                 if part.shape != param.shape:
                     raise ModelConfigError(f"tensor {key!r} has shape {tuple(part.shape)}, expected {tuple(param.shape)}")
                 param.copy_(part)

@@ -334,3 +334,28 @@ def test_built_library_is_readable_by_every_user(tmp_path: Path) -> None:
     target = tmp_path / "k.so"
     cpu_kernels.build(target, "generic")
     assert target.stat().st_mode & 0o555 == 0o555, oct(target.stat().st_mode)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize(("in_f", "out_f"), [(1, 1), (17, 3), (64, 65), (100, 300), (1024, 7), (2816, 130)])
+def test_int8_linear_matches_the_dequantized_reference(kernel: Any, dtype: torch.dtype, rows: int, in_f: int,
+                                                       out_f: int) -> None:
+    """int8_linear(x, q, scale, b) = x @ (q * scale[:, None]).T + b: fp32 accumulation, one output rounding."""
+    from largemodel.runtime.quant import dequantize_rows, quantize_rows
+
+    ops = torch.ops.__getattr__(f"largemodel_{cpu_kernels.level()}")
+    gen = torch.Generator().manual_seed(rows * 1000 + in_f + out_f)
+    x = torch.randn(rows, in_f, generator=gen).to(dtype)
+    q, scale = quantize_rows(torch.randn(out_f, in_f, generator=gen))
+    b = torch.randn(out_f, generator=gen).to(dtype)
+    with torch.inference_mode():
+        got = ops.int8_linear(x, q, scale, b)
+        unbiased = ops.int8_linear(x, q, scale)
+    w = dequantize_rows(q, scale).double()
+    exact = x.double() @ w.T + b.double()
+    assert got.dtype == dtype and got.shape == (rows, out_f)
+    rel = 2e-6 * in_f**0.5 if dtype == torch.float32 else 2**-8
+    bound = (x.double().abs() @ w.abs().T + b.double().abs()).max().item()
+    assert (got.double() - exact).abs().max().item() <= rel * bound + 1e-6
+    assert torch.allclose(unbiased.double() + b.double(), got.double(), atol=rel * bound * 2 + 1e-6)
