@@ -199,6 +199,11 @@ class Engine:
                 kvmetrics.prefix_lookup(len(prompt), hit)
             return hit
 
+    def cached_prefix(self, prompt: list[int]) -> int:
+        """How many of `prompt`'s tokens the prefix cache holds now (takes and counts nothing)."""
+        with self._lock:
+            return self.blocks.peek(list(prompt)) if self.blocks is not None else 0
+
     def end_sequence(self, slot: int) -> None:
         """The sequence in `slot` is finished: its KV blocks go back (the full ones stay cached)."""
         with self._lock:

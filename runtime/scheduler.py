@@ -69,6 +69,8 @@ class BatchEngine(Protocol):
 
     def end_sequence(self, slot: int) -> None: ...
 
+    def cached_prefix(self, prompt: list[int]) -> int: ...
+
     def kv_usage(self) -> tuple[int, int]: ...
 
 
@@ -132,11 +134,14 @@ class BatchPlanner:
 
     def __init__(self, max_batch_size: int, lanes: int, min_lane_tokens: int, max_prefill_tokens: int,
                  start_sequence: Callable[[int, list[int]], int] | None = None,
-                 end_sequence: Callable[[int], None] | None = None) -> None:
+                 end_sequence: Callable[[int], None] | None = None,
+                 cached_prefix: Callable[[list[int]], int] | None = None) -> None:
         """`start_sequence(slot, prompt)`: the engine's KV blocks for a new sequence, returning how many
-        prompt tokens its prefix cache holds (the prefill starts there); `end_sequence(slot)` gives them back."""
+        prompt tokens its prefix cache holds (the prefill starts there); `end_sequence(slot)` gives them back;
+        `cached_prefix(prompt)` says how many it would find now, so admission charges only what is computed."""
         self.max_batch_size = max_batch_size
         self.start_sequence, self.end_sequence = start_sequence, end_sequence
+        self.cached_prefix = cached_prefix
         self.min_lane_tokens = max(1, min_lane_tokens)
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: collections.deque[SeqState] = collections.deque()
@@ -158,7 +163,8 @@ class BatchPlanner:
             if seq.stream.cancelled:
                 dropped.append(self.waiting.popleft())
                 continue
-            cost = len(seq.request.prompt_tokens)
+            prompt = seq.request.prompt_tokens
+            cost = len(prompt) - (self.cached_prefix(list(prompt)) if self.cached_prefix is not None else 0)
             if prefill_tokens and prefill_tokens + cost > self.max_prefill_tokens:
                 break  # bounds the prefill work one iteration adds, so running streams keep their pace
             self.waiting.popleft()
@@ -294,7 +300,7 @@ class Scheduler:
         # Bounds how much prefill work joins one step, so running streams keep a steady pace.
         self.planner = BatchPlanner(engine.max_batch_size, engine.micro_batches, engine.min_micro_batch_tokens,
                                     max_prefill_tokens or max(2048, engine.max_model_len),
-                                    engine.start_sequence, engine.end_sequence)
+                                    engine.start_sequence, engine.end_sequence, engine.cached_prefix)
         self.post = Postprocessor(engine.eos_token_ids, engine.max_model_len)
         self._cond = threading.Condition()
         self._stopping = False

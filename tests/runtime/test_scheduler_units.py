@@ -57,7 +57,7 @@ class FakeEngine:
         self._pending: dict[Ticket, list[int]] = {}
         self._gate = threading.Semaphore(0) if gated else None
         self._lock = threading.Lock()
-        self.cached_prefix = 0  # what start_sequence says the prefix cache holds
+        self.cached_prefix_tokens = 0  # what start_sequence says the prefix cache holds
         self.started: list[tuple[int, list[int]]] = []
         self.ended: list[int] = []
 
@@ -93,10 +93,13 @@ class FakeEngine:
 
     def start_sequence(self, slot: int, prompt: list[int]) -> int:
         self.started.append((slot, list(prompt)))
-        return self.cached_prefix
+        return min(self.cached_prefix_tokens, len(prompt) - 1)
 
     def end_sequence(self, slot: int) -> None:
         self.ended.append(slot)
+
+    def cached_prefix(self, prompt: list[int]) -> int:
+        return min(self.cached_prefix_tokens, len(prompt) - 1)
 
     def kv_usage(self) -> tuple[int, int]:
         return (len(self.started) - len(self.ended), 4 * self.max_batch_size)
@@ -188,7 +191,7 @@ def test_a_cached_prefix_is_skipped_and_its_blocks_go_back_when_the_request_ends
     """The engine's prefix cache holds the first 16 prompt tokens: the prefill sends only the rest, marked as
     a new sequence; the finished request's slot is handed back to the engine."""
     engine = FakeEngine(max_batch_size=2)
-    engine.cached_prefix = 16
+    engine.cached_prefix_tokens = 16
     prompt = [(3 + i) % VOCAB for i in range(20)]
 
     async def body(scheduler: Scheduler) -> list[Chunk]:
@@ -204,6 +207,31 @@ def test_a_cached_prefix_is_skipped_and_its_blocks_go_back_when_the_request_ends
     assert (second.start_pos, second.new_sequence) == (20, False)
     assert tokens_of(chunks) == [(prompt[-1] + k) % VOCAB for k in range(1, 4)]
     assert engine.ended == [first.slot]
+
+
+@pytest.mark.parametrize(("cached", "first_batch"), [(0, 1), (24, 4)])
+def test_admission_charges_only_the_prompt_tokens_the_prefix_cache_does_not_hold(cached: int, first_batch: int) -> None:
+    """A prefill budget of 40 tokens: four 30-token prompts are admitted one per step when nothing is
+    cached, all four together when 24 tokens of each are (6 to compute each)."""
+    engine = FakeEngine(max_batch_size=4)
+    engine.cached_prefix_tokens = cached
+    prompts = [[(1 + i + k) % VOCAB for k in range(30)] for i in range(4)]
+
+    async def body(scheduler: Scheduler) -> list[list[Chunk]]:
+        streams = [scheduler.submit(request(p, 2, ignore_eos=True)) for p in prompts]
+        scheduler.start()
+        return list(await asyncio.gather(*(collect(s) for s in streams)))
+
+    async def run() -> list[list[Chunk]]:
+        scheduler = Scheduler(engine, FakeTokenizer(), 8, max_prefill_tokens=40)
+        try:
+            return await body(scheduler)
+        finally:
+            scheduler.stop(10)
+
+    asyncio.run(asyncio.wait_for(run(), 30))
+    assert len(engine.batches[0]) == first_batch
+    assert all(s.start_pos == cached and s.new_sequence for s in engine.batches[0])
 
 
 def test_a_new_request_joins_the_running_batch_at_the_next_step() -> None:
