@@ -14,6 +14,7 @@ from largemodel.runtime.engine import (
     SamplingParams,
     SeqInput,
     micro_batch_count,
+    padding_groups,
     split_micro_batches,
 )
 from largemodel.runtime.parallel import ParallelContext
@@ -112,3 +113,24 @@ def test_micro_batch_count_keeps_min_tokens_in_each() -> None:
     """The one split rule (Engine.step and the scheduler's lanes): at most M, each with >= min tokens, >= 1."""
     assert [micro_batch_count(n, 4, 8) for n in (0, 1, 7, 8, 15, 16, 24, 32, 1000)] == [1, 1, 1, 1, 1, 2, 3, 4, 4]
     assert micro_batch_count(5, 1, 1) == 1 and micro_batch_count(5, 8, 1) == 5
+
+
+def test_padding_groups_keep_a_long_prefill_apart_from_decodes() -> None:
+    rows = [SeqInput(0, [1], 9), SeqInput(1, list(range(3, 43)), 0), SeqInput(2, [1], 9), SeqInput(3, [5] * 38, 0)]
+    assert padding_groups(rows) == [[1, 3], [0, 2]]  # 40 and 38 tokens together, the two decodes apart
+    assert padding_groups(rows[:1] + rows[2:3]) == [[0, 1]]
+    small = [SeqInput(0, [1] * 20, 0), SeqInput(1, [1], 20)]  # pads 19 tokens: cheaper than a weight pass
+    assert padding_groups(small) == [[0, 1]]
+
+
+def test_a_batch_split_by_padding_returns_its_tokens_in_input_order(engine: Engine) -> None:
+    """Two decodes beside a 40-token prefill go as two micro-batches; each row gets the token it would
+    get alone, in the order it was given."""
+    greedy = SamplingParams()
+    long_prompt = [(7 * i) % 200 + 3 for i in range(40)]
+    alone = [generate(engine, [5, 6, 7], 2, greedy, slot=0), generate(engine, [9, 8], 2, greedy, slot=1),
+             generate(engine, long_prompt, 1, greedy, slot=2)]
+    first = engine.step([SeqInput(0, [5, 6, 7], 0, greedy), SeqInput(1, [9, 8], 0, greedy)])
+    mixed = [SeqInput(0, [first[0]], 3, greedy), SeqInput(2, long_prompt, 0, greedy), SeqInput(1, [first[1]], 2, greedy)]
+    assert len(padding_groups(mixed)) == 2
+    assert engine.result(engine.submit(mixed)) == [alone[0][1], alone[2][0], alone[1][1]]
