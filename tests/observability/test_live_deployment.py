@@ -25,6 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from largemodel.runtime.model import BLOCK_SIZE
 from largemodel.runtime.pipeline import HEADER_LEN, META_COLS
 from tests.support.grafana import load_dashboards, panel_queries, query_variables, substitute
 from tests.support.operator_target import OperatorTarget, running_operator_target
@@ -135,11 +136,15 @@ def _collective_totals(group: RankGroup) -> Tally[tuple[str, str, str]]:
 
 def expected_collectives(tp: int, pp: int, layers: int, hidden: int, vocab: int, widths: list[int],
                          element: int = 4) -> Tally[tuple[str, str, str]]:
-    """Calls and bytes, summed over all ranks, of forwards of one row with `widths` tokens each."""
+    """Calls and bytes, summed over all ranks, of forwards of one row with `widths` tokens each, one after
+    another in one sequence from position 0."""
     calls, nbytes = "largemodel_collective_calls_total", "largemodel_collective_bytes_total"
     want: Tally[tuple[str, str, str]] = Tally()
+    position = 0
     for w in widths:
-        plan = 8 * HEADER_LEN + 8 * (META_COLS + w)  # header + payload (metadata + w tokens), all int64
+        position += w
+        table = -(-position // BLOCK_SIZE)  # the row's KV block table covers every position so far
+        plan = 8 * HEADER_LEN + 8 * (META_COLS + w + table)  # header + payload (metadata, tokens, blocks), int64
         want[(calls, "all_reduce", "tp")] += tp * (2 * layers + 1)  # 2 per layer + vocab-parallel embedding
         want[(nbytes, "all_reduce", "tp")] += tp * (2 * layers + 1) * w * hidden * element
         want[(calls, "all_gather", "tp")] += tp  # vocab-parallel LM head, last token only
