@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 UNKNOWN = -1  # a position whose token this manager was not told (a caller writing at arbitrary positions)
@@ -76,12 +77,7 @@ class BlockManager:
         seq = self.seqs[slot] = SeqBlocks()
         if not self.prefix_cache or len(prompt) < 2:
             return 0
-        key = b""
-        for i in range((len(prompt) - 1) // self.block_size):
-            key = self._key(key, prompt[i * self.block_size:(i + 1) * self.block_size])
-            block = self.cached.get(key)
-            if block is None:
-                break
+        for key, block in self._cached_chain(prompt):
             self._take(block)
             seq.table.append(block)
             seq.keys.append(key)
@@ -130,15 +126,19 @@ class BlockManager:
         """How many prompt tokens `start` would find cached now (counts nothing, takes nothing)."""
         if not self.prefix_cache:
             return 0
-        key, hit = b"", 0
-        for i in range((len(prompt) - 1) // self.block_size):
-            key = self._key(key, prompt[i * self.block_size:(i + 1) * self.block_size])
-            if key not in self.cached:
-                break
-            hit += self.block_size
-        return hit
+        return sum(self.block_size for _ in self._cached_chain(prompt))
 
     # ---- inside ----------------------------------------------------------------------------------
+
+    def _cached_chain(self, prompt: list[int]) -> Iterator[tuple[bytes, int]]:
+        """(key, block) of each cached full block the prompt starts with, in order; never its last token."""
+        key = b""
+        for i in range((len(prompt) - 1) // self.block_size):
+            key = self._key(key, prompt[i * self.block_size:(i + 1) * self.block_size])
+            block = self.cached.get(key)
+            if block is None:
+                return
+            yield key, block
 
     @staticmethod
     def _key(parent: bytes, tokens: list[int]) -> bytes:

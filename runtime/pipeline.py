@@ -99,6 +99,11 @@ class MicroBatch:
         """Blocks per row of the encoded block tables (rows padded to the longest)."""
         return max((len(b) for b in self.blocks), default=0)
 
+    def padded_blocks(self) -> list[list[int]]:
+        """Each row's block table padded with block 0 to table_width (padding reads are masked out)."""
+        table = self.table_width
+        return [b + [0] * (table - len(b)) for b in self.blocks]
+
     @property
     def width(self) -> int:
         """Padded token width T of this micro-batch."""
@@ -121,7 +126,7 @@ class MicroBatch:
                  int(i < len(self.fresh) and self.fresh[i])]
                 for i in range(rows)]
         padded = [t + [0] * (width - len(t)) for t in self.tokens]
-        tables = [b + [0] * (table - len(b)) for b in self.blocks] if table else []  # padding reads are masked
+        tables = self.padded_blocks()
         flat = [x for m in meta for x in m] + [x for t in padded for x in t] + [x for b in tables for x in b]
         return header, torch.tensor(flat, dtype=torch.int64)
 
@@ -305,8 +310,7 @@ def run_stage(model: StageModel, mb: MicroBatch, hidden: Tensor | None, ctx: Par
         x = hidden
     with torch.inference_mode():
         if mb.blocks:
-            table = mb.table_width  # rows padded as encode() pads them (padding reads are masked)
-            blocks = torch.tensor([b + [0] * (table - len(b)) for b in mb.blocks], dtype=torch.int64, device=device)
+            blocks = torch.tensor(mb.padded_blocks(), dtype=torch.int64, device=device)
             layout = model.layout(slots, start, lengths, dtype, blocks=blocks)  # type: ignore[call-arg]
         else:
             layout = model.layout(slots, start, lengths, dtype)
