@@ -317,6 +317,73 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
+# GGML block formats (issue 19): a quantized [out, in] weight is uint8 [out, (in / 32) * block bytes], each
+# row its blocks along `in` exactly as a GGUF file stores them, so a TP slice of rows (column-parallel) or
+# of whole blocks (row-parallel, in % (32 * tp) == 0) is a plain view of the file's bytes.
+#   Q4_1 (20 bytes per 32 weights): fp16 d, fp16 m, 16 bytes qs; weight j = d * q_j + m with q_j the low
+#        nibble of qs[j] for j < 16 and the high nibble of qs[j - 16] otherwise.
+#   Q8_0 (34 bytes per 32 weights): fp16 d, 32 int8 qs; weight j = d * qs[j].
+GGML_BLOCK = 32
+GGML_BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
+GGML_MAX_ROWS = 16  # activation rows up to which the block kernels run; beyond, chunked dequantize + GEMM
+
+
+def _ggml_blocks(q: torch.Tensor, kind: str) -> torch.Tensor:
+    """q uint8 [out, nb * bytes] -> [out, nb, bytes] (ValueError on a width that is not whole blocks)."""
+    size = GGML_BLOCK_BYTES[kind]
+    if q.dtype != torch.uint8 or q.dim() != 2 or q.shape[1] % size:
+        raise ValueError(f"{kind} weight must be uint8 [out, blocks * {size}], got {q.dtype} {tuple(q.shape)}")
+    return q.reshape(q.shape[0], q.shape[1] // size, size)
+
+
+def ggml_dequantize(q: torch.Tensor, kind: str) -> torch.Tensor:
+    """The fp32 [out, in] a GGML Q4_1 or Q8_0 weight holds (the exact reference for the kernels)."""
+    blocks = _ggml_blocks(q, kind)
+    d = blocks[..., 0:2].contiguous().view(torch.float16).to(torch.float32)  # [out, nb, 1]
+    if kind == "q8_0":
+        return (blocks[..., 2:].contiguous().view(torch.int8).to(torch.float32) * d).reshape(q.shape[0], -1)
+    m = blocks[..., 2:4].contiguous().view(torch.float16).to(torch.float32)
+    qs = blocks[..., 4:]
+    nibbles = torch.cat((qs & 0x0F, qs >> 4), dim=-1).to(torch.float32)  # weights 0-15, then 16-31
+    return (nibbles * d + m).reshape(q.shape[0], -1)
+
+
+def ggml_quantize(weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """fp32 [out, in] (in % 32 == 0) -> the uint8 GGML blocks, rounding as ggml's reference quantizers do."""
+    w = weight.detach().to(torch.float32)
+    out, inner = w.shape
+    if inner % GGML_BLOCK:
+        raise ValueError(f"{kind} needs the input width to be a multiple of {GGML_BLOCK}, got {inner}")
+    x = w.reshape(out, inner // GGML_BLOCK, GGML_BLOCK)
+    if kind == "q8_0":
+        d = x.abs().amax(dim=-1, keepdim=True) / 127.0
+        qs = torch.round(x / torch.where(d > 0, d, 1.0)).clamp_(-127, 127).to(torch.int8).view(torch.uint8)
+        head = d.to(torch.float16).view(torch.uint8)
+        return torch.cat((head, qs), dim=-1).reshape(out, -1).contiguous()
+    lo = x.amin(dim=-1, keepdim=True)
+    d = (x.amax(dim=-1, keepdim=True) - lo) / 15.0
+    q = torch.floor((x - lo) / torch.where(d > 0, d, 1.0) + 0.5).clamp_(0, 15).to(torch.uint8)
+    qs = q[..., :16] | (q[..., 16:] << 4)
+    head = torch.cat((d.to(torch.float16).view(torch.uint8), lo.to(torch.float16).view(torch.uint8)), dim=-1)
+    return torch.cat((head, qs), dim=-1).reshape(out, -1).contiguous()
+
+
+def ggml_linear(x: torch.Tensor, q: torch.Tensor, kind: str, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ ggml_dequantize(q, kind).T (+ bias): a Q4_1 or Q8_0 weight [out, in] in its GGML blocks.
+
+    Each chunk of INT8_CHUNK_ELEMENTS weights is dequantized to x's dtype and multiplied by `linear`
+    (oneDNN on CPU), so no full-size float copy of the weight ever exists.
+    """
+    out = q.shape[0]
+    inner = q.shape[1] // GGML_BLOCK_BYTES[kind] * GGML_BLOCK
+    step = max(1, INT8_CHUNK_ELEMENTS // max(1, inner))
+    parts = []
+    for r0 in range(0, out, step):
+        w = ggml_dequantize(q[r0:r0 + step], kind).to(x.dtype)
+        parts.append(linear(x, w, None if bias is None else bias[r0:r0 + step]))
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
 def _fused(x: torch.Tensor, *others: torch.Tensor) -> bool:
     """The fused kernels take these CPU inference tensors (one dtype, fp32 or bf16)."""
     return (_ops is not None and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
