@@ -436,6 +436,19 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     return out
 
 
+DECODE_LAYER_PARAMS = 14  # tensors per layer decode_layers takes (see cpu_kernels.cpp)
+
+
+def decode_layers(x: torch.Tensor, params: list[torch.Tensor], k_caches: list[torch.Tensor],
+                  v_caches: list[torch.Tensor], cos: torch.Tensor, sin: torch.Tensor, index: torch.Tensor,
+                  positions: torch.Tensor, heads: int, kv_heads: int, scale: float, eps: float) -> torch.Tensor:
+    """A stage's decoder layers for one decode token per row, x [B, hidden] -> [B, hidden], in one kernel
+    call: bit-for-bit what the kernel-backed modules compute layer by layer (transforms.KernelCausalLM
+    decides when it applies). `params`: DECODE_LAYER_PARAMS per layer, in the order the kernel reads."""
+    out: torch.Tensor = _ops.decode_layers(x, params, k_caches, v_caches, cos, sin, index, positions, heads,
+                                           kv_heads, scale, eps)
+    return out
+
 class Linear(torch.nn.Linear):
     """nn.Linear whose inference forward goes through `linear` (same parameters, same state dict)."""
 

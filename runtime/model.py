@@ -284,14 +284,19 @@ class CausalLM(nn.Module):
             raise ValueError(f"block ids {int(blocks.min())}..{int(blocks.max())} outside 0..{self.num_blocks - 1}")
         return make_layout(self.cos_table, self.sin_table, blocks, start_pos, lengths, self.block_size, dtype)
 
+    def run_layers(self, h: Tensor, layout: BatchLayout) -> Tensor:
+        """This stage's decoder layers over hidden states [B, T, D]."""
+        for layer in self.model.layers.values():
+            h = layer(h, layout)
+        return h
+
     def forward(self, x: Tensor, layout: BatchLayout) -> Tensor:
         """Token ids [B, T] (first stage) or hidden states [B, T, D] in; hidden states out.
 
         The last stage returns logits [B, vocab] of each row's last real token instead.
         """
         h = self.model.embed_tokens(x) if self.model.embed_tokens is not None else x
-        for layer in self.model.layers.values():
-            h = layer(h, layout)
+        h = self.run_layers(h, layout)
         if not self.last:
             return h
         assert self.model.norm is not None and self.lm_head is not None

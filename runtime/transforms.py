@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from largemodel.runtime import cpu_kernels
-from largemodel.runtime.model import MLP, Attention, BatchLayout, DecoderLayer, RMSNorm, rotate_half
+from largemodel.runtime.model import MLP, Attention, BatchLayout, CausalLM, DecoderLayer, RMSNorm, rotate_half
 from largemodel.runtime.parallel import VocabParallelLMHead
+from largemodel.runtime.quant import Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,92 @@ class KernelVocabParallelLMHead(VocabParallelLMHead):
         return self.ctx.all_gather_last_dim(cpu_kernels.linear(h, self.weight))[..., : self.vocab]
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+_NONE = torch.empty(0)  # decode_layers' "no scale" / "no bias"
+
+
+def _linear_params(linear: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(weight, scale, bias) of a kernel-backed or int8 Linear for decode_layers; None for any other."""
+    params = linear._parameters
+    weight, bias = params["weight"], params.get("bias")
+    if type(linear) is Int8Linear:
+        scale: Tensor | None = params["weight_scale"]
+    elif type(linear) is cpu_kernels.Linear and weight is not None and weight.dtype == dtype:
+        scale = _NONE
+    else:
+        return None
+    if weight is None or scale is None or _hooked(linear) or not weight.is_contiguous():
+        return None
+    return weight, scale, _NONE if bias is None else bias
+
+
+class KernelCausalLM(CausalLM):
+    """CausalLM whose decode steps (one token per row, up to cpu_kernels.MAX_ROWS rows) run all of the
+    stage's layers in one cpu_kernels.decode_layers call; anything else goes layer by layer.
+
+    The fused call is the same kernels in the same order (tests/runtime/test_transforms.py checks the
+    logits are equal bit for bit), without Python between them. It applies only when every layer is the
+    kernel-backed module set with float or int8 weights and no module has hooks: tensor parallelism's
+    all-reduces are hooks, so a tp > 1 stage keeps the module path. The tensors are gathered on every
+    call (about 0.1 ms for 30 layers), so swapped weights or modules are never served stale.
+    """
+
+    def decode_stack(self, dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor], list[Tensor]] | None:
+        """(params, k caches, v caches) for decode_layers, or None when a layer does not qualify."""
+        params: list[Tensor] = []
+        k_caches: list[Tensor] = []
+        v_caches: list[Tensor] = []
+        first = None
+        for layer in self.model.layers.values():
+            mods = layer._modules
+            attn, mlp = mods["self_attn"], mods["mlp"]
+            norm_in, norm_post = mods["input_layernorm"], mods["post_attention_layernorm"]
+            if (type(layer) is not KernelDecoderLayer or type(attn) is not KernelAttention
+                    or type(mlp) is not KernelMLP or type(norm_in) is not KernelRMSNorm
+                    or type(norm_post) is not KernelRMSNorm):
+                return None
+            assert attn is not None and mlp is not None and norm_in is not None and norm_post is not None
+            if _hooked(layer) or _hooked(attn) or _hooked(mlp) or _hooked(norm_in) or _hooked(norm_post):
+                return None
+            shape = (attn.n_heads, attn.n_kv_heads, attn.head_dim, norm_in.eps, norm_post.eps)
+            first = first or shape
+            w_in, w_post = norm_in._parameters["weight"], norm_post._parameters["weight"]
+            a, m = attn._modules, mlp._modules
+            qkv, o = _linear_params(a["qkv_proj"], dtype), _linear_params(a["o_proj"], dtype)  # type: ignore[arg-type]
+            gate_up, down = _linear_params(m["gate_up_proj"], dtype), _linear_params(m["down_proj"], dtype)  # type: ignore[arg-type]
+            if (shape != first or first[3] != first[4] or qkv is None or o is None or gate_up is None
+                    or down is None or w_in is None or w_post is None or w_in.dtype != dtype
+                    or w_post.dtype != dtype or attn.k_cache is None or attn.v_cache is None):
+                return None
+            params += [w_in, *qkv, *o, w_post, *gate_up, *down]
+            k_caches.append(attn.k_cache)
+            v_caches.append(attn.v_cache)
+        return (params, k_caches, v_caches) if k_caches else None
+
+    def run_layers(self, h: Tensor, layout: BatchLayout) -> Tensor:
+        batch = h.shape[0]
+        if (h.dim() == 3 and h.shape[1] == 1 and layout.valid is None and batch <= cpu_kernels.MAX_ROWS
+                and cpu_kernels.decode_attention_ready(h) and not _global_hooks()):
+            stack = self.decode_stack(h.dtype)
+            if stack is not None:
+                attn = next(iter(self.model.layers.values())).self_attn
+                norm = next(iter(self.model.layers.values())).input_layernorm
+                assert isinstance(attn, Attention) and isinstance(norm, RMSNorm)
+                out = cpu_kernels.decode_layers(h.reshape(batch, -1), *stack, layout.cos, layout.sin, layout.index,
+                                                layout.write_pos, attn.n_heads, attn.n_kv_heads,
+                                                attn.head_dim**-0.5, norm.eps)
+                return out.view(batch, 1, -1)
+        return super().run_layers(h, layout)
+
+
+def _global_hooks() -> bool:
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+
+
 # Exact class -> its kernel-backed subclass (same parameters and state, another forward).
 KERNEL_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     nn.Linear: cpu_kernels.Linear,
@@ -177,6 +264,7 @@ KERNEL_MODULES: dict[type[nn.Module], type[nn.Module]] = {
     FusedMLP: KernelMLP,
     DecoderLayer: KernelDecoderLayer,
     VocabParallelLMHead: KernelVocabParallelLMHead,
+    CausalLM: KernelCausalLM,
 }
 
 

@@ -88,6 +88,47 @@ def test_transformed_model_gives_the_plain_models_logits(checkpoints: dict[str, 
         assert torch.allclose(kernel_out, want, rtol=1e-4, atol=1e-4), (kernel_out - want).abs().max()
 
 
+@pytest.mark.parametrize("variant", ["gqa", "qwen2", "tied"])
+@pytest.mark.parametrize("quantization", ["none", "int8"])
+def test_decode_layers_is_bit_for_bit_the_module_path(checkpoints: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                                                       variant: str, quantization: str) -> None:
+    """KernelCausalLM's one-call decode (cpu_kernels.decode_layers) gives exactly the logits of the
+    kernel modules layer by layer, fp32 and int8, q/k/v biases included; a hook anywhere turns it off."""
+    from largemodel.runtime.quant import apply_quantization
+
+    assert cpu_kernels.load(), cpu_kernels.unavailable_reason()
+    model_dir = Path(checkpoints["models"][variant]["dir"])
+    config = load_config(model_dir)
+    with torch.device("meta"):
+        model = CausalLM(config, range(config.num_hidden_layers))
+    shards = apply_tensor_parallel(model, ParallelContext())
+    transforms.fuse_projections(model)
+    transforms.apply_cpu_kernels(model)
+    apply_quantization(model, quantization)
+    model = model.to_empty(device="cpu").eval()
+    if model.lm_head is not None and model.model.embed_tokens is not None and config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    load_weights(model, config, model_dir, shards)
+    assert type(model) is transforms.KernelCausalLM
+    calls = []
+    fused = cpu_kernels.decode_layers
+    monkeypatch.setattr(cpu_kernels, "decode_layers", lambda *a: calls.append(1) or fused(*a))
+    model.setup_caches(4, 64, torch.float32, torch.device("cpu"))
+    one_call = run(model, PROMPTS, 4)
+    assert len(calls) == 4  # every decode step, never the padded prefill
+    monkeypatch.setattr(transforms.KernelCausalLM, "decode_stack", lambda self, dtype: None)
+    model.setup_caches(4, 64, torch.float32, torch.device("cpu"))
+    by_layer = run(model, PROMPTS, 4)
+    assert len(calls) == 4
+    for a, b in zip(one_call, by_layer, strict=True):
+        assert torch.equal(a, b), (a - b).abs().max()
+    monkeypatch.undo()
+    assert transforms.KernelCausalLM.decode_stack(model, torch.float32) is not None
+    handle = model.model.layers["0"].mlp.down_proj.register_forward_hook(lambda *_: None)  # like TP's all-reduce
+    assert transforms.KernelCausalLM.decode_stack(model, torch.float32) is None
+    handle.remove()
+    assert transforms.KernelCausalLM.decode_stack(model, torch.bfloat16) is None  # fp32 weights, bf16 input
+
 def test_fused_and_kernel_modules_replace_the_plain_ones() -> None:
     """After TP (tp=2 here), fuse_projections leaves no separate q/k/v or gate/up, apply_cpu_kernels leaves
     no plain Linear, norm or layer, and the row-parallel all-reduce hooks survive the swaps."""
@@ -110,8 +151,9 @@ def test_fused_and_kernel_modules_replace_the_plain_ones() -> None:
                         transforms.FusedMLP, VocabParallelLMHead}, kinds
     assert {cpu_kernels.Linear, transforms.KernelRMSNorm, transforms.KernelDecoderLayer, transforms.KernelAttention,
             transforms.KernelMLP, transforms.KernelVocabParallelLMHead} <= kinds
-    # per layer: qkv, o, gate_up, down, two norms, attention, MLP, the layer; then the final norm and LM head
-    assert swapped == 2 * 9 + 2
+    # per layer: qkv, o, gate_up, down, two norms, attention, MLP, the layer; then the final norm, LM head, model
+    assert swapped == 2 * 9 + 3
+    assert type(model) is transforms.KernelCausalLM
     layer = model.model.layers["0"]
     assert len(layer.self_attn.o_proj._forward_hooks) == 1 and len(layer.mlp.down_proj._forward_hooks) == 1
     assert len(layer.self_attn.qkv_proj._forward_hooks) == 0
