@@ -1,20 +1,23 @@
 // CPU decode kernels for the engine (loaded by runtime/cpu_kernels.py):
 //   small_linear      y = x @ w.T (+ bias) for the few activation rows of a decode step;
 //   int8_linear       the same for an int8 weight with one fp32 scale per output row (weight-only int8);
+//   q4_1_linear       the same for a weight in GGML Q4_1 blocks (GGUF's bytes), fp32 activations kept;
+//   q8_0_linear       and for GGML Q8_0 blocks;
 //   rms_norm          transformers' LlamaRMSNorm in one pass; add_rms_norm: the residual add first;
 //   silu_mul          SwiGLU's silu(gate) * up over a fused gate/up output;
 //   decode_attention  RoPE, paged KV-cache write and GQA attention of one decode token per row;
 //   decode_layers     a stage's decoder layers for one decode token per row, the above in one call.
 //
 // One source, compiled once per instruction-set level (cpu_kernels.py picks the best the CPU runs):
-//   -DLARGEMODEL_ISA_AVX512  -mavx512f -mavx512bw -mavx512vl -mfma  16 fp32 lanes per vector
-//   -DLARGEMODEL_ISA_AVX2    -mavx2 -mfma -mf16c                       8 lanes
-//   -DLARGEMODEL_ISA_NEON    aarch64's baseline Advanced SIMD          4 lanes
-//   -DLARGEMODEL_ISA_GENERIC no ISA flags (SSE2 on x86-64)             4 lanes, no fused multiply-add
+//   -DLARGEMODEL_ISA_AVX512  -mavx512f -mavx512bw -mavx512vl -mfma -mf16c  16 fp32 lanes per vector
+//   -DLARGEMODEL_ISA_AVX2    -mavx2 -mfma -mf16c                              8 lanes
+//   -DLARGEMODEL_ISA_NEON    aarch64's baseline Advanced SIMD                 4 lanes
+//   -DLARGEMODEL_ISA_GENERIC no ISA flags (SSE2 on x86-64)                    4 lanes, no fused multiply-add
 // The arithmetic is written once with GCC/Clang vector extensions (`vf` below: W fp32 lanes); the only
-// per-level code is the fused multiply-add (`vfma`), which the vector extensions cannot spell. Each level
-// registers its ops under its own namespace (torch.ops.largemodel_avx2, ...), so several levels can be
-// loaded into one process and tested against each other and against torch.
+// per-level code is the fused multiply-add (`vfma`), which the vector extensions cannot spell, and the
+// widening of int8/nibble/fp16 weights (GCC scalarizes those conversions from vector extensions). Each
+// level registers its ops under its own namespace (torch.ops.largemodel_avx2, ...), so several levels
+// can be loaded into one process and tested against each other and against torch.
 //
 // A decode step multiplies a few activation rows by every weight matrix once: it is bound by how fast
 // the weights stream from memory, not by arithmetic. small_linear streams the weights with fp32 FMAs
@@ -302,6 +305,264 @@ at::Tensor int8_linear(const at::Tensor& input, const at::Tensor& weight, const 
   auto shape = input.sizes().vec();
   shape.back() = out;
   return result.view(shape);
+}
+
+// GGML Q4_1 / Q8_0 blocks (cpu_kernels.py, "GGML block formats"): a weight [out, in] is uint8
+// [out, (in / 32) * bytes], each row its blocks along `in` as a GGUF file stores them.
+//   Q4_1, 20 bytes: fp16 d, fp16 m, 16 bytes qs; weight j = d * q_j + m, q_j the low nibble of qs[j]
+//         for j < 16, the high nibble of qs[j - 16] otherwise.
+//   Q8_0, 34 bytes: fp16 d, 32 int8 qs; weight j = d * qs[j].
+// The activations stay fp32 (no int8 quantization of x, unlike ggml's own dot products): each block's
+// 32 integers widen to fp32 in registers once (exact), FMA against every activation row's 32 values,
+// and the block's sum is scaled by d once (d * sum q_j x_j); Q4_1's offset adds m * sum x_j with the
+// per-block activation sums computed once per call. The result is x @ W.T to fp32 rounding, W the
+// weight ggml_dequantize gives.
+constexpr int QV = 32 / W;  // fp32 vectors per 32-weight block
+
+// Scalar a * b + c, one rounding where the level has FMA (GCC inlines it there), two otherwise.
+inline float sfma(float a, float b, float c) {
+#if defined(LARGEMODEL_ISA_GENERIC)
+  return a * b + c;
+#else
+  return __builtin_fmaf(a, b, c);
+#endif
+}
+
+inline uint32_t load32(const uint8_t* p) {
+  uint32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+typedef float v4 __attribute__((vector_size(16)));
+inline v4 load4(const float* p) {
+  v4 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline v4 fma4(v4 a, v4 b, v4 c) {
+#if defined(LARGEMODEL_ISA_AVX512) || defined(LARGEMODEL_ISA_AVX2)
+  return (v4)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)c);
+#elif defined(LARGEMODEL_ISA_NEON)
+  return (v4)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b);
+#else
+  return a * b + c;
+#endif
+}
+
+// The block's d in all W lanes and m in all 4 lanes of a v4, from the two fp16 words at its start
+// (Q8_0 has no m: its second word is qs[0..1], converted and ignored). Built as vectors directly:
+// a float's splat (`vf{} + d`) costs an add that cannot fold away (-0 + 0 is +0) and an extra shuffle.
+inline void block_scales(const uint8_t* blk, vf& d, v4& m) {
+#if defined(LARGEMODEL_ISA_AVX512) || defined(LARGEMODEL_ISA_AVX2)
+  const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<int>(load32(blk))));
+#if defined(LARGEMODEL_ISA_AVX512)
+  d = (vf)_mm512_broadcastss_ps(dm);
+#else
+  d = (vf)_mm256_broadcastss_ps(dm);
+#endif
+  m = (v4)_mm_permute_ps(dm, 0x55);
+#elif defined(LARGEMODEL_ISA_NEON)
+  const float32x4_t dm = vcvt_f32_f16(vreinterpret_f16_u32(vdup_n_u32(load32(blk))));
+  d = (vf)vdupq_laneq_f32(dm, 0);
+  m = (v4)vdupq_laneq_f32(dm, 1);
+#else
+  uint16_t h[2];
+  std::memcpy(h, blk, sizeof h);
+  const float df = static_cast<float>(c10::Half(h[0], c10::Half::from_bits()));
+  const float mf = static_cast<float>(c10::Half(h[1], c10::Half::from_bits()));
+  for (int i = 0; i < W; ++i) d[i] = df;
+  m = v4{mf, mf, mf, mf};
+#endif
+}
+
+// The 32 integers of a Q4_1 block (qs at p), in weight order, as QV fp32 vectors.
+inline void decode_q4_1(const uint8_t* p, vf (&q)[QV]) {
+#if defined(LARGEMODEL_ISA_AVX512)
+  const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  q[0] = (vf)_mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
+  q[1] = (vf)_mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+#elif defined(LARGEMODEL_ISA_AVX2)
+  // Widened first, then split: one byte per 32-bit lane, so `>> 4` needs no mask.
+  const __m256i v0 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  const __m256i v1 = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)));
+  const __m256i low = _mm256_set1_epi32(15);
+  q[0] = (vf)_mm256_cvtepi32_ps(_mm256_and_si256(v0, low));
+  q[1] = (vf)_mm256_cvtepi32_ps(_mm256_and_si256(v1, low));
+  q[2] = (vf)_mm256_cvtepi32_ps(_mm256_srli_epi32(v0, 4));
+  q[3] = (vf)_mm256_cvtepi32_ps(_mm256_srli_epi32(v1, 4));
+#elif defined(LARGEMODEL_ISA_NEON)
+  const uint8x16_t v = vld1q_u8(p);
+  const uint8x16_t halves[2] = {vandq_u8(v, vdupq_n_u8(15)), vshrq_n_u8(v, 4)};
+  for (int h = 0; h < 2; ++h) {
+    const uint16x8_t a = vmovl_u8(vget_low_u8(halves[h])), b = vmovl_high_u8(halves[h]);
+    q[4 * h] = (vf)vcvtq_f32_u32(vmovl_u16(vget_low_u16(a)));
+    q[4 * h + 1] = (vf)vcvtq_f32_u32(vmovl_high_u16(a));
+    q[4 * h + 2] = (vf)vcvtq_f32_u32(vmovl_u16(vget_low_u16(b)));
+    q[4 * h + 3] = (vf)vcvtq_f32_u32(vmovl_high_u16(b));
+  }
+#else
+  for (int v = 0; v < QV; ++v) {
+    vi n;
+    for (int i = 0; i < W; ++i) {
+      const int j = v * W + i;
+      n[i] = j < 16 ? p[j] & 15 : p[j - 16] >> 4;
+    }
+    q[v] = __builtin_convertvector(n, vf);
+  }
+#endif
+}
+
+// The 32 int8 of a Q8_0 block (qs at p) as QV fp32 vectors.
+inline void decode_q8_0(const uint8_t* p, vf (&q)[QV]) {
+#if defined(LARGEMODEL_ISA_NEON)
+  for (int h = 0; h < 2; ++h) {
+    const int8x16_t v = vld1q_s8(reinterpret_cast<const int8_t*>(p) + 16 * h);
+    const int16x8_t a = vmovl_s8(vget_low_s8(v)), b = vmovl_high_s8(v);
+    q[4 * h] = (vf)vcvtq_f32_s32(vmovl_s16(vget_low_s16(a)));
+    q[4 * h + 1] = (vf)vcvtq_f32_s32(vmovl_high_s16(a));
+    q[4 * h + 2] = (vf)vcvtq_f32_s32(vmovl_s16(vget_low_s16(b)));
+    q[4 * h + 3] = (vf)vcvtq_f32_s32(vmovl_high_s16(b));
+  }
+#else
+  for (int v = 0; v < QV; ++v) q[v] = loadv(reinterpret_cast<const int8_t*>(p) + v * W);  // int8 loadv above
+#endif
+}
+
+struct Q4_1 {
+  static constexpr int bytes = 20, head = 4;
+  static constexpr bool has_min = true;
+  static void decode(const uint8_t* blk, vf (&q)[QV]) { decode_q4_1(blk + head, q); }
+};
+struct Q8_0 {
+  static constexpr int bytes = 34, head = 2;
+  static constexpr bool has_min = false;
+  static void decode(const uint8_t* blk, vf (&q)[QV]) { decode_q8_0(blk + head, q); }
+};
+
+// y[b * out] = dot(x[b], w) for B <= 4 activation rows (fp32, `in` = 32 nb apart) against one quantized
+// row of nb blocks. xs (Q4_1 only): the 4-row group's per-block activation sums, [nb][4] (rows past B
+// zero), so the m term of all B rows is one 4-lane FMA per block. One activation row takes its blocks
+// in pairs into two accumulators, so a block's FMA does not wait on the previous block's.
+template <int B, typename K>
+void qdot(const float* x, const float* xs, int64_t nb, const uint8_t* wr, float* y, int64_t out) {
+  constexpr int U = B == 1 ? 2 : 1;
+  const int64_t in = nb * 32;
+  vf tot[U][B];
+  v4 mt[U];
+  for (int u = 0; u < U; ++u) {
+    for (int b = 0; b < B; ++b) tot[u][b] = vf{};
+    mt[u] = v4{};
+  }
+  auto step = [&](int64_t k, vf (&t)[B], v4& mk) {
+    const uint8_t* blk = wr + k * K::bytes;
+    vf q[QV], dv;
+    v4 mv;
+    block_scales(blk, dv, mv);
+    K::decode(blk, q);
+    for (int b = 0; b < B; ++b) {
+      const float* xb = x + b * in + k * 32;
+      vf s = q[0] * loadv(xb);  // one chain per block: blocks overlap, out of order
+      for (int v = 1; v < QV; ++v) s = vfma(q[v], loadv(xb + v * W), s);
+      t[b] = vfma(dv, s, t[b]);
+    }
+    if constexpr (K::has_min) mk = fma4(mv, load4(xs + k * 4), mk);
+  };
+  int64_t k = 0;
+  for (; k + U <= nb; k += U) {
+    prefetch_ahead(wr + k * K::bytes, U * K::bytes);  // one line per 64 bytes (not one per block)
+    for (int u = 0; u < U; ++u) step(k + u, tot[u], mt[u]);
+  }
+  if (k < nb) step(k, tot[0], mt[0]);
+  v4 msum = mt[0];
+  for (int u = 1; u < U; ++u) msum += mt[u];
+  for (int b = 0; b < B; ++b) {
+    vf s = tot[0][b];
+    for (int u = 1; u < U; ++u) s += tot[u][b];
+    y[b * out] = hsum(s) + msum[b];
+  }
+}
+
+// Output rows r0:r1 for all `nrows` activation rows, 4 at a time against each weight row (then in L1);
+// xs: per 4-row group, its [nb][4] block sums (see qdot).
+template <typename K>
+void qrows(const float* x, const float* xs, int64_t nrows, int64_t nb, const uint8_t* w, float* y, int64_t out,
+           int64_t r0, int64_t r1) {
+  const int64_t in = nb * 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* wr = w + r * nb * K::bytes;
+    int64_t b = 0;
+    for (; b + 4 <= nrows; b += 4) qdot<4, K>(x + b * in, xs + b * nb, nb, wr, y + b * out + r, out);
+    switch (nrows - b) {
+      case 3: qdot<3, K>(x + b * in, xs + b * nb, nb, wr, y + b * out + r, out); break;
+      case 2: qdot<2, K>(x + b * in, xs + b * nb, nb, wr, y + b * out + r, out); break;
+      case 1: qdot<1, K>(x + b * in, xs + b * nb, nb, wr, y + b * out + r, out); break;
+      default: break;
+    }
+  }
+}
+
+// y = x @ W.T (+ bias) for a GGML-block weight W (Q4_1 or Q8_0, see above): fp32 or bf16 activations
+// of any leading shape, output in their dtype (bf16: one rounding of the fp32 result), output rows
+// split over torch's intra-op threads like small_linear's.
+template <typename K>
+at::Tensor ggml_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const char* name) {
+  TORCH_CHECK(input.device().is_cpu() && weight.device().is_cpu(), name, ": CPU tensors only");
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous() && weight.scalar_type() == at::kByte, name,
+              ": weight must be a contiguous uint8 matrix of blocks");
+  TORCH_CHECK(weight.size(1) % K::bytes == 0, name, ": weight rows of ", weight.size(1), " bytes are not whole ",
+              K::bytes, "-byte blocks");
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kBFloat16, name,
+              ": float32 or bfloat16 activations only");
+  const int64_t nb = weight.size(1) / K::bytes, in = nb * 32, out = weight.size(0);
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == in, name, ": input has ", input.size(-1), " features, weight ",
+              in);
+  if (bias.has_value() && bias->defined())
+    TORCH_CHECK(bias->numel() == out, name, ": ", bias->numel(), " bias values for ", out, " output rows");
+  const bool bf16 = input.scalar_type() == at::kBFloat16;
+  auto x = input.reshape({-1, in}).to(at::kFloat).contiguous();
+  const int64_t rows_n = x.size(0);
+  auto result = at::empty({rows_n, out}, input.options());
+  auto scratch = bf16 ? at::empty({rows_n, out}, x.options()) : result;
+  float* yp = scratch.mutable_data_ptr<float>();
+  const float* xp = x.const_data_ptr<float>();
+  // Q4_1's m term: each activation row's per-block sums, per group of 4 rows as [nb][4] (zero-padded).
+  const int64_t groups = (rows_n + 3) / 4;
+  std::vector<float> sums(K::has_min ? groups * nb * 4 : 0, 0.f);
+  if (K::has_min)
+    for (int64_t i = 0; i < rows_n; ++i)
+      for (int64_t k = 0; k < nb; ++k) {
+        const float* blk = xp + i * in + k * 32;
+        vf s = vf{};
+        for (int v = 0; v < QV; ++v) s += loadv(blk + v * W);
+        sums[(i / 4 * nb + k) * 4 + i % 4] = hsum(s);
+      }
+  at::Tensor b = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
+  const auto* wp = weight.const_data_ptr<uint8_t>();
+  at::parallel_for(0, out, 64, [&](int64_t r0, int64_t r1) {
+    qrows<K>(xp, sums.data(), rows_n, nb, wp, yp, out, r0, r1);
+    if (bp)
+      for (int64_t i = 0; i < rows_n; ++i)
+        for (int64_t r = r0; r < r1; ++r) yp[i * out + r] += bp[r];
+    if (bf16) {
+      auto* op = result.mutable_data_ptr<at::BFloat16>();
+      for (int64_t i = 0; i < rows_n; ++i)
+        for (int64_t r = r0; r < r1; ++r) op[i * out + r] = at::BFloat16(yp[i * out + r]);
+    }
+  });
+  auto shape = input.sizes().vec();
+  shape.back() = out;
+  return result.view(shape);
+}
+
+at::Tensor q4_1_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return ggml_linear<Q4_1>(input, weight, bias, "q4_1_linear");
+}
+
+at::Tensor q8_0_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  return ggml_linear<Q8_0>(input, weight, bias, "q8_0_linear");
 }
 
 // transformers' LlamaRMSNorm of one row already in fp32: weight * T(x / sqrt(mean(x^2) + eps)), the
@@ -662,6 +923,8 @@ at::Tensor decode_layers(const at::Tensor& input, at::TensorList params, at::Ten
 LARGEMODEL_LIBRARY(LARGEMODEL_NS, m) {
   m.def("small_linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("int8_linear(Tensor input, Tensor weight, Tensor scale, Tensor? bias=None) -> Tensor");
+  m.def("q4_1_linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
+  m.def("q8_0_linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
   m.def("rms_norm(Tensor input, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor input, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
@@ -674,6 +937,8 @@ LARGEMODEL_LIBRARY(LARGEMODEL_NS, m) {
 LARGEMODEL_LIBRARY_IMPL(LARGEMODEL_NS, CPU, m) {
   m.impl("small_linear", &small_linear);
   m.impl("int8_linear", &int8_linear);
+  m.impl("q4_1_linear", &q4_1_linear);
+  m.impl("q8_0_linear", &q8_0_linear);
   m.impl("rms_norm", &rms_norm);
   m.impl("add_rms_norm", &add_rms_norm);
   m.impl("silu_mul", &silu_mul);

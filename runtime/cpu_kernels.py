@@ -330,6 +330,8 @@ GGML_MAX_ROWS = 16  # activation rows up to which the block kernels run; beyond,
 
 def _ggml_blocks(q: torch.Tensor, kind: str) -> torch.Tensor:
     """q uint8 [out, nb * bytes] -> [out, nb, bytes] (ValueError on a width that is not whole blocks)."""
+    if kind not in GGML_BLOCK_BYTES:
+        raise ValueError(f"unknown GGML block kind {kind!r} (known: {', '.join(GGML_BLOCK_BYTES)})")
     size = GGML_BLOCK_BYTES[kind]
     if q.dtype != torch.uint8 or q.dim() != 2 or q.shape[1] % size:
         raise ValueError(f"{kind} weight must be uint8 [out, blocks * {size}], got {q.dtype} {tuple(q.shape)}")
@@ -371,9 +373,16 @@ def ggml_quantize(weight: torch.Tensor, kind: str) -> torch.Tensor:
 def ggml_linear(x: torch.Tensor, q: torch.Tensor, kind: str, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ ggml_dequantize(q, kind).T (+ bias): a Q4_1 or Q8_0 weight [out, in] in its GGML blocks.
 
-    Each chunk of INT8_CHUNK_ELEMENTS weights is dequantized to x's dtype and multiplied by `linear`
-    (oneDNN on CPU), so no full-size float copy of the weight ever exists.
+    CPU inference up to GGML_MAX_ROWS rows of fp32/bf16: the q4_1_linear/q8_0_linear kernel, which
+    widens each block to fp32 in registers (the activations stay fp32). Otherwise (more rows, no
+    kernels, another device or dtype) each chunk of INT8_CHUNK_ELEMENTS weights is dequantized to x's
+    dtype and multiplied by `linear` (oneDNN on CPU), so no full-size float copy of the weight ever exists.
     """
+    _ggml_blocks(q, kind)  # the same ValueError on a bad weight on both paths
+    rows = x.numel() // max(1, x.shape[-1])
+    if (_ops is not None and x.device.type == "cpu" and rows <= GGML_MAX_ROWS and not torch.is_grad_enabled()
+            and x.dtype in (torch.float32, torch.bfloat16) and q.is_contiguous()):
+        return getattr(_ops, f"{kind}_linear")(x, q, bias)
     out = q.shape[0]
     inner = q.shape[1] // GGML_BLOCK_BYTES[kind] * GGML_BLOCK
     step = max(1, INT8_CHUNK_ELEMENTS // max(1, inner))

@@ -359,3 +359,111 @@ def test_int8_linear_matches_the_dequantized_reference(kernel: Any, dtype: torch
     bound = (x.double().abs() @ w.abs().T + b.double().abs()).max().item()
     assert (got.double() - exact).abs().max().item() <= rel * bound + 1e-6
     assert torch.allclose(unbiased.double() + b.double(), got.double(), atol=rel * bound * 2 + 1e-6)
+
+
+def _ggml_weight(kind: str, out_f: int, in_f: int, gen: torch.Generator) -> torch.Tensor:
+    """Random GGML blocks: every byte of qs random (all nibbles and int8 values), fp16 d (and m) of mixed
+    magnitude, some fp16 subnormals and zeros among them (the widening must handle those exactly)."""
+    nb = in_f // 32
+    head = (torch.randn(out_f, nb, 2, generator=gen) * 0.05).to(torch.float16)
+    pick = torch.rand(out_f, nb, 2, generator=gen)
+    head = torch.where(pick < 0.1, torch.tensor(3e-6, dtype=torch.float16), head)  # fp16 subnormal
+    head = torch.where(pick > 0.95, torch.tensor(0.0, dtype=torch.float16), head)
+    qs = torch.randint(0, 256, (out_f, nb, 32 if kind == "q8_0" else 16), generator=gen, dtype=torch.uint8)
+    scales = head.view(torch.uint8).reshape(out_f, nb, 4)
+    blocks = torch.cat((scales[..., :2], qs) if kind == "q8_0" else (scales, qs), dim=-1)
+    return blocks.reshape(out_f, -1).contiguous()
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 16])
+@pytest.mark.parametrize(("in_f", "out_f"), [(32, 1), (64, 7), (96, 65), (576, 33), (1024, 130)])
+def test_ggml_linear_matches_the_dequantized_reference(kernel: Any, kind: str, dtype: torch.dtype, rows: int,
+                                                       in_f: int, out_f: int) -> None:
+    """q4_1_linear / q8_0_linear(x, q, b) = x @ ggml_dequantize(q).T + b to fp32 rounding (bf16: one more
+    rounding of the output), at this level."""
+    ops = torch.ops.__getattr__(f"largemodel_{cpu_kernels.level()}")
+    op = getattr(ops, f"{kind}_linear")
+    gen = torch.Generator().manual_seed(rows * 1000 + in_f + out_f)
+    q = _ggml_weight(kind, out_f, in_f, gen)
+    x = torch.randn(rows, in_f, generator=gen).to(dtype)
+    b = torch.randn(out_f, generator=gen).to(dtype)
+    with torch.inference_mode():
+        got, unbiased = op(x, q, b), op(x, q)
+    w = cpu_kernels.ggml_dequantize(q, kind).double()
+    exact = x.double() @ w.T + b.double()
+    assert got.dtype == dtype and got.shape == (rows, out_f) and unbiased.shape == (rows, out_f)
+    rel = 2e-6 * in_f**0.5 if dtype == torch.float32 else 2**-8
+    bound = (x.double().abs() @ w.abs().T + b.double().abs()).max().item()
+    assert (got.double() - exact).abs().max().item() <= rel * bound + 1e-6
+    assert (unbiased.double() - (exact - b.double())).abs().max().item() <= rel * bound + 1e-6
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_ggml_linear_dispatch_shapes_and_fallback(kernel: Any, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """cpu_kernels.ggml_linear takes leading batch dims; up to GGML_MAX_ROWS rows it is the kernel's result,
+    beyond (or without kernels, or with autograd on) the chunked dequantize + GEMM, and both agree."""
+    gen = torch.Generator().manual_seed(5)
+    q = _ggml_weight(kind, 70, 128, gen)
+    w = cpu_kernels.ggml_dequantize(q, kind)
+    b = torch.randn(70, generator=gen)
+    op = getattr(torch.ops.__getattr__(f"largemodel_{cpu_kernels.level()}"), f"{kind}_linear")
+    calls: list[tuple[int, ...]] = []
+    real = cpu_kernels._ops
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            target = getattr(real, name)
+
+            def call(x: torch.Tensor, *args: Any) -> Any:
+                calls.append(tuple(x.shape))
+                return target(x, *args)
+            return call
+
+    with torch.inference_mode():
+        with monkeypatch.context() as patch:
+            patch.setattr(cpu_kernels, "_ops", Counting())
+            for shape in [(1, 1, 128), (2, 3, 128), (4, 4, 128), (3, 6, 128)]:  # 1, 6, 16 rows: kernel; 18: not
+                x = torch.randn(shape, generator=gen)
+                got = cpu_kernels.ggml_linear(x, q, kind, b)
+                assert got.shape == (*shape[:-1], 70)
+                torch.testing.assert_close(got, x @ w.T + b, rtol=1e-5, atol=1e-4)
+        assert calls == [(1, 1, 128), (2, 3, 128), (4, 4, 128)]
+        x = torch.randn(2, 5, 128, generator=gen)
+        torch.testing.assert_close(cpu_kernels.ggml_linear(x, q, kind), op(x, q), rtol=1e-5, atol=1e-4)
+        with cpu_kernels.disabled():
+            torch.testing.assert_close(cpu_kernels.ggml_linear(x, q, kind), x @ w.T, rtol=1e-5, atol=1e-4)
+    x = torch.randn(1, 128, requires_grad=True)
+    cpu_kernels.ggml_linear(x, q, kind).sum().backward()  # autograd on: the fallback, gradients flow
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_ggml_linear_refuses_bad_inputs(kernel: Any, kind: str) -> None:
+    """A bad call raises a clear error (the op's RuntimeError, ggml_linear's ValueError) and never crashes."""
+    op = getattr(torch.ops.__getattr__(f"largemodel_{cpu_kernels.level()}"), f"{kind}_linear")
+    size = cpu_kernels.GGML_BLOCK_BYTES[kind]
+    q = _ggml_weight(kind, 8, 64, torch.Generator().manual_seed(1))
+    x = torch.randn(2, 64)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="contiguous uint8"):
+            op(x, q.view(torch.int8))
+        with pytest.raises(RuntimeError, match="contiguous uint8"):
+            op(x, torch.zeros(8, 64))
+        with pytest.raises(RuntimeError, match="contiguous uint8"):
+            op(x, q[:, :size])  # a slice of whole blocks, not contiguous: the caller copies or falls back
+        with pytest.raises(RuntimeError, match="whole"):
+            op(x, torch.zeros(8, 2 * size + 1, dtype=torch.uint8))
+        with pytest.raises(RuntimeError, match="features"):
+            op(torch.randn(2, 96), q)
+        with pytest.raises(RuntimeError, match="activations"):
+            op(x.double(), q)
+        with pytest.raises(RuntimeError, match="bias"):
+            op(x, q, torch.zeros(7))
+        with pytest.raises(ValueError, match="blocks"):
+            cpu_kernels.ggml_linear(x, torch.zeros(8, 2 * size + 1, dtype=torch.uint8), kind)
+        with pytest.raises(ValueError, match="blocks"):
+            cpu_kernels.ggml_linear(x, q.view(torch.int8), kind)
+        with pytest.raises(ValueError, match="unknown"):
+            cpu_kernels.ggml_linear(x, q, "q4_0")
