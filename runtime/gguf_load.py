@@ -109,11 +109,13 @@ def ggml_kinds(model: nn.Module, config: ModelConfig, tensors: GGUFTensors) -> d
     names = set(tensors.by_name)
     kinds: dict[str, str] = {}
     for module, parts in module_sources(model).items():
-        types = {type_name(tensors.tensor(source_tensor(part, config, names))) for part in parts}
-        for kind in types:
+        sources = {source_tensor(part, config, names): type_name(tensors.tensor(source_tensor(part, config, names)))
+                   for part in parts}
+        types = set(sources.values())
+        for source, kind in sources.items():
             if kind not in GGML_KINDS and kind not in FLOAT_TYPES:
                 raise ModelConfigError(
-                    f"{tensors.path}: {source_tensor(parts[0], config, names)} is {kind}; quantization=gguf serves "
+                    f"{tensors.path}: {source} is {kind}; quantization=gguf serves "
                     f"{', '.join(GGML_KINDS)} and {', '.join(FLOAT_TYPES)} tensors as they are (requantize the file, "
                     "e.g. llama-quantize --allow-requantize ... Q4_1)")
         if len(types) > 1:

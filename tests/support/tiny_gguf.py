@@ -22,8 +22,9 @@ def _permute(weight: Any, heads: int) -> Any:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def write_tiny_gguf(path: Path, variant: str = "tied", seed: int = 0) -> Path:
-    """Write one tiny Llama GGUF `variant` (see the module docstring) to `path`."""
+def write_tiny_gguf(path: Path, variant: str = "tied", seed: int = 0, kinds: dict[str, str] | None = None) -> Path:
+    """Write one tiny Llama GGUF `variant` (see the module docstring) to `path`; `kinds` overrides the type
+    of named tensors (f32, f16, q4_1, q8_0, or q4_0: a type the runtime does not serve)."""
     import numpy as np
     import torch
     from gguf import GGMLQuantizationType, GGUFWriter
@@ -53,7 +54,13 @@ def write_tiny_gguf(path: Path, variant: str = "tied", seed: int = 0) -> Path:
         return torch.randn(rows, cols, generator=gen) * std
 
     def add(name: str, weight: Any, kind: str) -> None:
-        if kind == "f32":
+        kind = (kinds or {}).get(name, kind)
+        if kind == "q4_0":
+            from gguf.quants import quantize
+
+            writer.add_tensor(name, quantize(weight.numpy(), GGMLQuantizationType.Q4_0),
+                              raw_dtype=GGMLQuantizationType.Q4_0)
+        elif kind == "f32":
             writer.add_tensor(name, weight.numpy().astype(np.float32))
         elif kind == "f16":
             writer.add_tensor(name, weight.numpy().astype(np.float16))
