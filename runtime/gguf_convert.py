@@ -100,6 +100,21 @@ def hf_name(gguf_name: str) -> str:
     raise GGUFConvertError(f"GGUF tensor {gguf_name!r} has no Llama counterpart")
 
 
+_GGUF_LAYER_NAMES = {hf: gguf for gguf, hf in _LAYER_NAMES.items()}
+_GGUF_TOP_NAMES = {hf: gguf for gguf, hf in _TOP_NAMES.items()}
+
+
+def gguf_name(name: str) -> str:
+    """llama.cpp's tensor name for a transformers Llama parameter name (hf_name's inverse)."""
+    stem, _, suffix = name.rpartition(".")
+    parts = stem.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _GGUF_LAYER_NAMES:
+        return f"blk.{int(parts[2])}.{_GGUF_LAYER_NAMES[parts[3]]}.{suffix}"
+    if stem in _GGUF_TOP_NAMES:
+        return f"{_GGUF_TOP_NAMES[stem]}.{suffix}"
+    raise GGUFConvertError(f"parameter {name!r} has no GGUF counterpart")
+
+
 def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
     """Undo llama.cpp's q/k permutation: it interleaves each head's two rotary halves; HF keeps them apart."""
     rows = weight.shape[0]
@@ -185,14 +200,7 @@ def convert(gguf_path: Path, out_dir: Path, progress: Progress | None = None) ->
     report = progress or (lambda step, done, total: None)
     reader = GGUFReader(str(gguf_path))
     meta = read_metadata(reader)
-    names = {t.name for t in reader.tensors}
-    config = hf_config(meta, tied="output.weight" not in names)
-    if config.get("tie_word_embeddings") is False and "output.weight" not in names:
-        raise GGUFConvertError("GGUF has no output.weight")
-
-    tok, tok_config = tokenizer_files(meta)
-    tok.save(str(out_dir / "tokenizer.json"))
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    config = write_model_files(meta, {t.name for t in reader.tensors}, out_dir, with_config=False)
     report("tokenizer", 1, 1)
 
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
@@ -213,7 +221,27 @@ def convert(gguf_path: Path, out_dir: Path, progress: Progress | None = None) ->
     if missing:
         raise GGUFConvertError(f"GGUF lacks {len(missing)} layer tensors, e.g. {missing[0]}")
     save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_config(config, out_dir)
+    report("weights", total, total)
+
+
+def write_model_files(meta: dict[str, Any], tensor_names: set[str], out_dir: Path,
+                      with_config: bool = True) -> dict[str, Any]:
+    """The tokenizer files (and, with `with_config`, config.json and generation_config.json) of a
+    Hugging Face directory for the file `meta` describes; returns the config. `convert` writes the
+    config after the weights (a directory with a config.json is a model); quantization=gguf serves
+    a directory holding only these files and the GGUF itself (runtime/modelstore.gguf_model_dir)."""
+    config = hf_config(meta, tied="output.weight" not in tensor_names)
+    tok, tok_config = tokenizer_files(meta)
+    tok.save(str(out_dir / "tokenizer.json"))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    if with_config:
+        write_config(config, out_dir)
+    return config
+
+
+def write_config(config: dict[str, Any], out_dir: Path) -> None:
+    """config.json and generation_config.json (bos/eos/pad) of `config`."""
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
     (out_dir / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-    report("weights", total, total)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -148,10 +148,11 @@ def _pick_port(requested: int | None, spec_port: int) -> int:
 
 def _prepare(path: str) -> tuple[Any, Any, Path]:
     """Load, plan and resolve the model; any user error is a ValueError with a one-line message."""
+    from largemodel.modelfacts import is_gguf_uri
     from largemodel.operator.manifest import InputError, load_largemodel
     from largemodel.operator.modelconfig import ModelConfigError, inspect_model
     from largemodel.operator.planner import PlanError, plan_parallelism
-    from largemodel.runtime.modelstore import ModelStoreError, local_model_dir
+    from largemodel.runtime.modelstore import ModelStoreError, local_gguf_file, local_model_dir
 
     lm = load_largemodel(path)
     spec = lm.spec
@@ -160,7 +161,13 @@ def _prepare(path: str) -> tuple[Any, Any, Path]:
         if arch is None and urlparse(spec.model.uri).scheme != "file":
             # Planning needs the architecture: read it from the (built or cached) model directory.
             arch = inspect_model(local_model_dir(spec.model.uri))
-        plan = plan_parallelism(spec, arch)
+        if is_gguf_uri(spec.model.uri) and spec.model.quantization == "gguf":
+            # Plan from the local file's own header (its tensor bytes and block), as for a file:// source.
+            local = local_gguf_file(spec.model.uri).resolve().as_uri()
+            plan = plan_parallelism(spec.model_copy(update={"model": spec.model.model_copy(update={"uri": local})}),
+                                    arch)
+        else:
+            plan = plan_parallelism(spec, arch)
         model_dir = local_model_dir(spec.model.uri)
     except (PlanError, ModelStoreError, ModelConfigError) as err:
         raise InputError(f"{path}: {err}") from None

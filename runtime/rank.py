@@ -118,6 +118,7 @@ def run_rank(local_rank: int, environ: dict[str, str]) -> int:
     import torch.distributed as dist
 
     from largemodel import metrics
+    from largemodel.modelfacts import is_gguf_uri
     from largemodel.modeluri import resolve_model_dir
     from largemodel.runtime.parallel import init_distributed
     from largemodel.runtime.watchdog import COLLECTIVE_TIMEOUT_ENV, Watchdog
@@ -130,6 +131,10 @@ def run_rank(local_rank: int, environ: dict[str, str]) -> int:
     max_batch, max_len = env.max_batch_size, env.max_model_len
     try:
         model_dir = resolve_model_dir(env.model_uri)
+        if is_gguf_uri(env.model_uri):  # quantization=gguf: the file's config and tokenizer, and the file
+            from largemodel.runtime.modelstore import gguf_model_dir
+
+            model_dir = gguf_model_dir(model_dir)
         check_planned_split(model_dir, env)
         ctx = init_distributed(rank, env.world_size, env.tp, env.pp, env.master_addr, env.master_port,
                                bind_host=envcontract.rank_bind_host(environ),

@@ -31,9 +31,10 @@ from torch import Tensor
 from largemodel import metrics, modelfacts
 from largemodel.partition import stage_layer_range
 from largemodel.runtime import cpu_kernels
+from largemodel.runtime.gguf_load import GGUFTensors, ggml_kinds, load_gguf_weights
 from largemodel.runtime.model import CausalLM, ModelConfig, ModelConfigError, load_config
 from largemodel.runtime.parallel import ParallelContext, Shard, apply_tensor_parallel
-from largemodel.runtime.quant import apply_quantization, quantize_rows
+from largemodel.runtime.quant import GGMLLinear, apply_ggml_kinds, apply_quantization, quantize_rows
 from largemodel.runtime.transforms import apply_cpu_kernels, checkpoint_tensors, fuse_projections
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ def checkpoint_index(model_dir: Path) -> dict[str, Path]:
 # safetensors dtype names -> torch dtypes the direct reader may copy bytes for.
 _FILE_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I8": torch.int8}
 SCALE_SUFFIX = "_scale"  # `<name>.weight_scale`: an int8 weight's fp32 row scales (quant.Int8Linear)
+GGUF_FILE = "model.gguf"  # in a GGUF model directory (modelstore.GGUF_FILE)
 
 
 @dataclass(frozen=True)
@@ -154,15 +156,32 @@ def read_shard(file: Path, name: str, shard: Shard | None) -> Tensor:
     return part
 
 
+def gguf_file(model_dir: Path) -> Path | None:
+    """The GGUF a GGUF model directory serves (modelstore.gguf_model_dir's `model.gguf`), else None."""
+    path = Path(model_dir) / GGUF_FILE
+    return path if path.exists() else None
+
+
 def empty_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, device: torch.device,
-                quantization: str = "none") -> tuple[CausalLM, ModelConfig, dict[str, Shard]]:
+                quantization: str = "none",
+                gguf: GGUFTensors | None = None) -> tuple[CausalLM, ModelConfig, dict[str, Shard]]:
     """This rank's stage, cut and transformed on the meta device, then allocated (not yet loaded):
     (model, config, the TP shard of each parameter). `quantization` (MODEL_QUANTIZATION) "int8"
-    makes the attention/MLP projections quant.Int8Linear after the dtype cast (their scales stay fp32)."""
+    makes the attention/MLP projections quant.Int8Linear after the dtype cast (their scales stay fp32),
+    "q4" makes them Q4_1 quant.GGMLLinear, and "gguf" gives each module the type `gguf` (the opened
+    file of a GGUF model directory) stores its tensor in (runtime/gguf_load.py)."""
     config = load_config(model_dir)
     problem = modelfacts.pipeline_problem(layers=config.num_hidden_layers, pp=ctx.pp)
+    if quantization in ("q4", "gguf") and not problem:
+        block = gguf.header.linear_block if gguf is not None else None
+        problem = modelfacts.tensor_problem(heads=config.num_attention_heads, kv_heads=config.kv_heads,
+                                            intermediate=config.intermediate_size, tp=ctx.tp, quantization=quantization,
+                                            head_dim=config.head_size, hidden=config.hidden_size, block=block)
     if problem:
         raise ModelConfigError(problem)
+    if quantization == "gguf" and gguf is None:
+        raise ModelConfigError(f"quantization=gguf serves a GGUF file: {model_dir} is not a GGUF model directory "
+                               "(the model URI must name a .gguf file)")
     layers = stage_layer_range(config.num_hidden_layers, ctx.pp, ctx.pp_rank, config.head_layers)
     with torch.device("meta"):
         model = CausalLM(config, layers, first=ctx.pp_rank == 0, last=ctx.pp_rank == ctx.pp - 1)
@@ -171,7 +190,10 @@ def empty_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
     if device.type == "cpu":
         apply_cpu_kernels(model)  # kernel-backed modules; each call still falls back to torch's op
     model = model.to(dtype)
-    apply_quantization(model, quantization)  # after the cast: int8 weights and fp32 scales keep their dtypes
+    if gguf is not None:  # after the cast, as below: the GGML blocks stay uint8
+        apply_ggml_kinds(model, ggml_kinds(model, config, gguf), dtype)
+    else:
+        apply_quantization(model, quantization)  # after the cast: int8 weights and fp32 scales keep their dtypes
     model = model.to_empty(device=device).eval()
     if model.lm_head is not None and model.model.embed_tokens is not None and config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight  # one copy; named_parameters yields it once
@@ -189,8 +211,17 @@ def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
     began = time.perf_counter()
     if device.type == "cpu":
         cpu_kernels.load()  # the decode GEMV kernel: built once per machine, logged, optional
-    model, config, shards = empty_stage(model_dir, ctx, dtype, device, quantization)
-    nbytes = load_weights(model, config, Path(model_dir), shards)
+    source = gguf_file(model_dir)
+    if source is not None and quantization != "gguf":
+        raise ModelConfigError(f"{model_dir} serves the GGUF file {source.resolve()}: it needs quantization=gguf "
+                               f"(MODEL_QUANTIZATION), not {quantization}")
+    gguf = GGUFTensors.open(source) if source is not None else None
+    model, config, shards = empty_stage(model_dir, ctx, dtype, device, quantization, gguf)
+    if gguf is not None:
+        nbytes = load_gguf_weights(model, config, gguf, shards)
+        del gguf  # unmap the file: the parameters hold copies of this rank's slices
+    else:
+        nbytes = load_weights(model, config, Path(model_dir), shards)
     model.setup_caches(max_batch, max_len, dtype, device, num_blocks=num_blocks)
     seconds = time.perf_counter() - began
     # Issue 17: the load rate per rank (bytes of its shard over the whole build), also in status.
@@ -201,6 +232,15 @@ def build_stage(model_dir: Path, ctx: ParallelContext, dtype: torch.dtype, devic
              "rate_mb_s=%.1f", ctx.rank, ctx.pp_rank, layers[0], layers[-1], quantization, nbytes / 2**20, seconds,
              nbytes / 1e6 / seconds if seconds > 0 else 0.0)
     return model, seconds
+
+
+def _weight_parts(model: CausalLM, module: str) -> list[str]:
+    """The checkpoint names of the row blocks of `module`'s weight (the weight itself when not fused)."""
+    parent, _, leaf = module.rpartition(".")
+    owner = model.get_submodule(parent) if parent else model
+    parts = getattr(owner, "parts", {}).get(leaf)
+    prefix = f"{parent}." if parent else ""
+    return [f"{module}.weight"] if parts is None else [f"{prefix}{name}.weight" for name, _ in parts]
 
 
 def load_threads() -> int:
@@ -219,11 +259,14 @@ def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: 
 
     An int8 weight (quant.Int8Linear) whose checkpoint tensor is a float one is read the same way, then
     quantized per row into the weight and its `weight_scale` rows; a pre-quantized checkpoint's I8
-    weight and `<name>.weight_scale` are read as they are (the scales sliced like the weight's rows)."""
+    weight and `<name>.weight_scale` are read as they are (the scales sliced like the weight's rows).
+    A q4 weight (quant.GGMLLinear) is read as a float slice and quantized into its Q4_1 blocks."""
     files = checkpoint_index(model_dir)
     entries: dict[Path, dict[str, TensorEntry]] = {}
     fds: dict[Path, int] = {}
     params = checkpoint_tensors(model)
+    ggml = {part: module.kind for prefix, module in model.named_modules()
+            if isinstance(module, GGMLLinear) for part in _weight_parts(model, prefix)}
     scales = {name[: -len(SCALE_SUFFIX)]: t for name, t in params if name.endswith(".weight" + SCALE_SUFFIX)}
     total = sum(param.numel() * param.element_size() for _, param in params)
     done, last_log, began = 0, time.perf_counter(), time.perf_counter()
@@ -279,6 +322,16 @@ def load_weights(model: CausalLM, config: ModelConfig, model_dir: Path, shards: 
                 if part.dtype == torch.int8 and param.dtype != torch.int8:
                     raise ModelConfigError(f"tensor {key!r} is int8 in the checkpoint: a pre-quantized "
                                            "checkpoint needs MODEL_QUANTIZATION=int8")
+                if param.dtype == torch.uint8 and part.is_floating_point() and name in ggml:
+                    blocks = cpu_kernels.ggml_quantize(part, ggml[name])  # q4: this rank's slice, whole blocks
+                    if blocks.shape != param.shape:
+                        raise ModelConfigError(f"tensor {key!r} has shape {tuple(part.shape)}, which does not "
+                                               f"make the {ggml[name]} blocks {tuple(param.shape)}")
+                    param.copy_(blocks)
+                    done += nbytes
+                    collect(block=False)
+                    progress()
+                    continue
                 if param.dtype == torch.int8 and part.is_floating_point() and name in scales:
                     if part.shape != param.shape:
                         raise ModelConfigError(f"tensor {key!r} has shape {tuple(part.shape)}, "

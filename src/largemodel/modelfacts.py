@@ -352,6 +352,7 @@ class GGUFTensor:
     name: str
     shape: tuple[int, ...]
     ggml_type: int
+    offset: int = 0  # of its data, from the start of the file's data section (GGUFHeader.data_offset)
 
     @property
     def elements(self) -> int:
@@ -377,6 +378,7 @@ class GGUFHeader:
     metadata: dict[str, Any]
     array_lengths: dict[str, int]
     tensors: tuple[GGUFTensor, ...]
+    data_offset: int = 0  # file offset of the data section: the header's end, aligned to general.alignment
 
     @property
     def tensor_bytes(self) -> int:
@@ -477,11 +479,13 @@ def read_gguf_header(path: Path) -> GGUFHeader:
             for _ in range(tensor_count):
                 name, dims = string(handle), read(handle, "<I")
                 shape = tuple(read(handle, "<Q") for _ in range(dims))
-                ggml_type, _offset = read(handle, "<I"), read(handle, "<Q")
+                ggml_type, offset = read(handle, "<I"), read(handle, "<Q")
                 if ggml_type not in GGML_TYPES:
                     raise ModelConfigError(f"{path}: tensor {name} has ggml type {ggml_type}, which the planner "
                                            "does not know")
-                tensors.append(GGUFTensor(name, shape, ggml_type))
+                tensors.append(GGUFTensor(name, shape, ggml_type, offset))
+            alignment = int(metadata.get("general.alignment", 32) or 32)
+            data_offset = -(-handle.tell() // alignment) * alignment
     except OSError as err:
         raise ModelConfigError(f"{path}: cannot read: {err.strerror or err}") from None
-    return GGUFHeader(metadata, arrays, tuple(tensors))
+    return GGUFHeader(metadata, arrays, tuple(tensors), data_offset)

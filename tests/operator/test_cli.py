@@ -24,7 +24,7 @@ EXAMPLE_FILES = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
 @pytest.mark.parametrize(
     ("name", "tp", "pp", "groups"),
     [("smollm2-local.yaml", 1, 2, 1), ("llama3-70b.yaml", 8, 1, 1), ("llama31-405b.yaml", 8, 2, 1),
-     ("llama31-405b-int8.yaml", 8, 1, 1)],
+     ("llama31-405b-int8.yaml", 8, 1, 1), ("smollm2-local-gguf.yaml", 1, 1, 1)],
 )
 def test_examples_plan_and_render(name: str, tp: int, pp: int, groups: int) -> None:
     planned = run_largemodel("plan", "-f", str(EXAMPLES / name), "-o", "json")

@@ -45,7 +45,10 @@ def test_quantization_values_are_checked(monkeypatch: pytest.MonkeyPatch) -> Non
     assert quant.quantization_from_env() == "none"
     monkeypatch.setenv(quant.QUANTIZATION_ENV, "INT8")
     assert quant.quantization_from_env() == "int8"
-    for bad, why in (("int4", "not one of"), ("q4", "not served")):
+    for served in ("q4", "gguf"):
+        monkeypatch.setenv(quant.QUANTIZATION_ENV, served)
+        assert quant.quantization_from_env() == served
+    for bad, why in (("int4", "not one of"), ("Q4_K", "not one of")):
         monkeypatch.setenv(quant.QUANTIZATION_ENV, bad)
         with pytest.raises(ValueError, match=why):
             quant.quantization_from_env()

@@ -102,7 +102,8 @@ def main() -> int:
         if spec.get("engine", "native") == "deepspeed":
             model = load_autotp(Path(entry["dir"]), ctx, torch.float32, 4, 64)
         else:
-            model, _ = build_stage(Path(entry["dir"]), ctx, torch.float32, ctx.device, 4, 64)
+            model, _ = build_stage(Path(entry["dir"]), ctx, torch.float32, ctx.device, 4, 64,
+                                   quantization=entry.get("quantization", "none"))
         if rank != 0:
             worker_loop(model, ctx)
             continue
