@@ -13,7 +13,7 @@ echo "[test] mypy"
 .venv/bin/mypy --cache-dir .mypy_cache/suite src operator runtime
 echo "[test] pytest"
 set +e
-.venv/bin/python -m pytest -ra "$@"
+.venv/bin/python -m pytest -ra --durations=25 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
