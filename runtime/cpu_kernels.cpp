@@ -886,10 +886,12 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& cos, const 
 // Zen 3); here that is one call per stage. Only without tensor parallelism (the modules' all-reduce hooks
 // run between the ops) and for up to MAX_ROWS rows (beyond, the module path's oneDNN GEMMs are faster).
 // params: 14 tensors per layer: input norm; (weight, scale, bias) of qkv and o; post-attention norm;
-// (weight, scale, bias) of gate/up and down. A scale is empty for a float weight, a bias empty when absent.
+// (weight, scale, bias) of gate/up and down. A scale is empty for a float or GGML weight, a bias empty when absent.
 at::Tensor linear_of(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, const at::Tensor& bias) {
   const std::optional<at::Tensor> b = bias.numel() ? std::optional<at::Tensor>(bias) : std::nullopt;
   if (weight.scalar_type() == at::kChar) return int8_linear(x, weight, scale, b);
+  if (weight.scalar_type() == at::kByte)  // GGML blocks: 20 bytes per 32 weights is Q4_1, 34 is Q8_0
+    return weight.size(1) == x.size(-1) / 32 * 20 ? q4_1_linear(x, weight, b) : q8_0_linear(x, weight, b);
   return small_linear(x, weight, b);
 }
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from largemodel.runtime import cpu_kernels
 from largemodel.runtime.model import MLP, Attention, BatchLayout, CausalLM, DecoderLayer, RMSNorm, rotate_half
 from largemodel.runtime.parallel import VocabParallelLMHead
-from largemodel.runtime.quant import Int8Linear
+from largemodel.runtime.quant import GGMLLinear, Int8Linear
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +178,13 @@ _NONE = torch.empty(0)  # decode_layers' "no scale" / "no bias"
 
 
 def _linear_params(linear: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(weight, scale, bias) of a kernel-backed or int8 Linear for decode_layers; None for any other."""
+    """(weight, scale, bias) of a kernel-backed, int8 or GGML Linear for decode_layers; None for any other."""
     params = linear._parameters
     weight, bias = params["weight"], params.get("bias")
     if type(linear) is Int8Linear:
         scale: Tensor | None = params["weight_scale"]
-    elif type(linear) is cpu_kernels.Linear and weight is not None and weight.dtype == dtype:
+    elif (type(linear) is cpu_kernels.Linear and weight is not None and weight.dtype == dtype) or (
+            type(linear) is GGMLLinear and weight is not None and weight.dtype == torch.uint8):
         scale = _NONE
     else:
         return None
@@ -198,7 +199,7 @@ class KernelCausalLM(CausalLM):
 
     The fused call is the same kernels in the same order (tests/runtime/test_transforms.py checks the
     logits are equal bit for bit), without Python between them. It applies only when every layer is the
-    kernel-backed module set with float or int8 weights and no module has hooks: tensor parallelism's
+    kernel-backed module set with float, int8 or GGML (q4/gguf) weights and no module has hooks: tensor parallelism's
     all-reduces are hooks, so a tp > 1 stage keeps the module path. The tensors are gathered on every
     call (about 0.1 ms for 30 layers), so swapped weights or modules are never served stale.
     """

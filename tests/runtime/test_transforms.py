@@ -88,12 +88,14 @@ def test_transformed_model_gives_the_plain_models_logits(checkpoints: dict[str, 
         assert torch.allclose(kernel_out, want, rtol=1e-4, atol=1e-4), (kernel_out - want).abs().max()
 
 
-@pytest.mark.parametrize("variant", ["gqa", "qwen2", "tied"])
-@pytest.mark.parametrize("quantization", ["none", "int8"])
+@pytest.mark.parametrize(("variant", "quantization"), [
+    ("gqa", "none"), ("qwen2", "none"), ("tied", "none"), ("gqa", "int8"), ("qwen2", "int8"), ("tied", "int8"),
+    ("gqa", "q4"), ("tied", "q4"),  # qwen2's 48-wide rows are not whole Q4_1 blocks
+])
 def test_decode_layers_is_bit_for_bit_the_module_path(checkpoints: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
                                                        variant: str, quantization: str) -> None:
     """KernelCausalLM's one-call decode (cpu_kernels.decode_layers) gives exactly the logits of the
-    kernel modules layer by layer, fp32 and int8, q/k/v biases included; a hook anywhere turns it off."""
+    kernel modules layer by layer, fp32, int8 and q4 (Q4_1 blocks), q/k/v biases included; a hook anywhere turns it off."""
     from largemodel.runtime.quant import apply_quantization
 
     assert cpu_kernels.load(), cpu_kernels.unavailable_reason()
