@@ -157,14 +157,16 @@ def largemodel_servers(args: argparse.Namespace, tmp: Path) -> list[Server] | st
     if not (MODEL_DIR / "config.json").exists():
         return f"no model at {MODEL_DIR}: run `largemodel run -f examples/smollm2-local.yaml --prompt hi` once"
     servers = []
-    for label, pipeline in (("largemodel, the example (tp1 x pp2)", None), ("largemodel, pipeline 1", 1)):
-        doc = yaml.safe_load((REPO / "examples/smollm2-local.yaml").read_text())
+    for label, example, pipeline in (("largemodel, the example (tp1 x pp2)", "smollm2-local", None),
+                                     ("largemodel, pipeline 1", "smollm2-local", 1),
+                                     ("largemodel, the Q4_1 GGUF as it is", "smollm2-local-gguf", None)):
+        doc = yaml.safe_load((REPO / f"examples/{example}.yaml").read_text())
         if pipeline is not None:
             doc["spec"]["parallelism"].update(pipeline=pipeline, microBatches=1)
         serving = doc["spec"]["serving"]
         serving["maxBatchSize"] = max(args.streams, int(serving.get("maxBatchSize", 1)))
         serving["maxQueue"] = max(args.streams, int(serving.get("maxQueue", 0)))
-        path = tmp / f"lm-{pipeline or 'example'}.yaml"
+        path = tmp / f"lm-{example}-{pipeline or 'example'}.yaml"
         path.write_text(yaml.safe_dump(doc))
         port = free_port()
         tp = int(doc["spec"]["parallelism"].get("tensor", 1))
@@ -172,7 +174,9 @@ def largemodel_servers(args: argparse.Namespace, tmp: Path) -> list[Server] | st
         # the thread budget split over a stage's TP ranks, as `largemodel run` splits all cores (runtime/local.py:
         # pipeline stages each get the whole share and wait passively); explicit here
         env = {"PYTHONSAFEPATH": "1", "OMP_NUM_THREADS": str(max(1, args.threads // tp))}
-        label = f"{label}, {ranks} rank(s) x {env['OMP_NUM_THREADS']} thread(s), fp32"
+        quantization = doc["spec"]["model"].get("quantization", "none")
+        label = f"{label}, {ranks} rank(s) x {env['OMP_NUM_THREADS']} thread(s), " + (
+            "fp32" if quantization == "none" else quantization)
         servers.append(Server(label, [sys.executable, "-m", "largemodel.operator.cli", "run", "-f", str(path),
                                       "--port", str(port), "--grpc-port", "0"], "/readyz",
                               doc["metadata"]["name"], port, env))
