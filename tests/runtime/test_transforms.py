@@ -96,10 +96,14 @@ def test_decode_layers_is_bit_for_bit_the_module_path(checkpoints: dict[str, Any
                                                        variant: str, quantization: str) -> None:
     """KernelCausalLM's one-call decode (cpu_kernels.decode_layers) gives exactly the logits of the
     kernel modules layer by layer, fp32, int8 and q4 (Q4_1 blocks), q/k/v biases included; a hook anywhere turns it off."""
+    # The host's best level, loaded here: an earlier test in this process may have left load() off.
+    with cpu_kernels.using(cpu_kernels.host_levels()[0]):
+        _check_decode_layers(Path(checkpoints["models"][variant]["dir"]), monkeypatch, quantization)
+
+
+def _check_decode_layers(model_dir: Path, monkeypatch: pytest.MonkeyPatch, quantization: str) -> None:
     from largemodel.runtime.quant import apply_quantization
 
-    assert cpu_kernels.load(), cpu_kernels.unavailable_reason()
-    model_dir = Path(checkpoints["models"][variant]["dir"])
     config = load_config(model_dir)
     with torch.device("meta"):
         model = CausalLM(config, range(config.num_hidden_layers))
