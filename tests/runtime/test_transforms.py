@@ -21,8 +21,10 @@ from largemodel.runtime.parallel import ParallelContext, VocabParallelLMHead, ap
 from largemodel.runtime.weights import load_weights
 
 
-def build(model_dir: Path, ctx: ParallelContext, fused: bool, kernels: bool) -> CausalLM:
+def build(model_dir: Path, ctx: ParallelContext, fused: bool, kernels: bool, quantization: str = "none") -> CausalLM:
     """build_stage's sequence with each transformation optional (one stage holding every layer)."""
+    from largemodel.runtime.quant import apply_quantization
+
     config = load_config(model_dir)
     with torch.device("meta"):
         model = CausalLM(config, range(config.num_hidden_layers))
@@ -31,6 +33,7 @@ def build(model_dir: Path, ctx: ParallelContext, fused: bool, kernels: bool) -> 
         transforms.fuse_projections(model)
     if kernels:
         transforms.apply_cpu_kernels(model)
+    apply_quantization(model, quantization)
     model = model.to_empty(device="cpu").eval()
     if model.lm_head is not None and model.model.embed_tokens is not None and config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -102,19 +105,7 @@ def test_decode_layers_is_bit_for_bit_the_module_path(checkpoints: dict[str, Any
 
 
 def _check_decode_layers(model_dir: Path, monkeypatch: pytest.MonkeyPatch, quantization: str) -> None:
-    from largemodel.runtime.quant import apply_quantization
-
-    config = load_config(model_dir)
-    with torch.device("meta"):
-        model = CausalLM(config, range(config.num_hidden_layers))
-    shards = apply_tensor_parallel(model, ParallelContext())
-    transforms.fuse_projections(model)
-    transforms.apply_cpu_kernels(model)
-    apply_quantization(model, quantization)
-    model = model.to_empty(device="cpu").eval()
-    if model.lm_head is not None and model.model.embed_tokens is not None and config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    load_weights(model, config, model_dir, shards)
+    model = build(model_dir, ParallelContext(), fused=True, kernels=True, quantization=quantization)
     assert type(model) is transforms.KernelCausalLM
     calls = []
     fused = cpu_kernels.decode_layers
