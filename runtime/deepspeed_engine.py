@@ -109,8 +109,11 @@ def start_deepspeed(model_dir: Path, ctx: ParallelContext, env: RankEnv, max_bat
     The same Engine class as ENGINE=native, so the scheduler drives it through the same submit/result.
     """
     from largemodel.runtime.engine import Engine, worker_loop
+    from largemodel.runtime.omp import on_own_thread
 
-    stage = load_autotp(model_dir, ctx, parse_dtype(env.model_dtype), max_batch, max_len)
+    # as start_native: no OpenMP team may outlive the load next to the engine thread's (runtime/omp.py)
+    stage = on_own_thread(lambda: load_autotp(model_dir, ctx, parse_dtype(env.model_dtype), max_batch, max_len),
+                          "load-shard")
     on_loaded()
     if ctx.rank != 0:
         worker_loop(stage, ctx)

@@ -191,12 +191,15 @@ def start_native(model_dir: Path, ctx: object, env: RankEnv, max_batch: int, max
                  on_loaded: Callable[[], None]) -> Engine | None:
     """Load this rank's shard; global rank 0 returns the Engine, every other rank works until SHUTDOWN."""
     from largemodel.runtime.engine import Engine, worker_loop
+    from largemodel.runtime.omp import on_own_thread
     from largemodel.runtime.parallel import ParallelContext
     from largemodel.runtime.weights import build_stage, parse_dtype
 
     assert isinstance(ctx, ParallelContext)
-    model, _seconds = build_stage(model_dir, ctx, parse_dtype(env.model_dtype), ctx.device, max_batch, max_len,
-                                  num_blocks=env.kv_cache_blocks, quantization=env.model_quantization)
+    # On a thread that ends: its OpenMP team must not outlive the load next to the engine thread's (runtime/omp.py).
+    model, _seconds = on_own_thread(lambda: build_stage(
+        model_dir, ctx, parse_dtype(env.model_dtype), ctx.device, max_batch, max_len,
+        num_blocks=env.kv_cache_blocks, quantization=env.model_quantization), "load-shard")
     on_loaded()
     if ctx.rank != 0:
         worker_loop(model, ctx)
