@@ -152,12 +152,31 @@ inline void store_part(T* p, int64_t n, vf v) {
   storev(buf, v);
   std::memcpy(p, buf, n * sizeof(T));
 }
-inline float hsum(vf v) {  // pairwise: lanes w and w + W/2, then halves again
+// Pairwise: lanes i and i + W/2, then halves again, in registers (the same additions in the same order
+// as the generic loop, so every level sums alike). The loop through memory that GCC made of the generic
+// form cost ~40 cycles of store forwarding per output row: a quarter of a 576-wide Q4_1 row's time.
+inline float hsum(vf v) {
+#if defined(LARGEMODEL_ISA_AVX512) || defined(LARGEMODEL_ISA_AVX2)
+#if defined(LARGEMODEL_ISA_AVX512)
+  const __m512 z = (__m512)v;
+  const __m256 a = _mm256_add_ps(_mm512_castps512_ps256(z),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
+#else
+  const __m256 a = (__m256)v;
+#endif
+  const __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  const __m128 c = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  return _mm_cvtss_f32(_mm_add_ss(c, _mm_movehdup_ps(c)));
+#elif defined(LARGEMODEL_ISA_NEON)
+  const float32x2_t a = vadd_f32(vget_low_f32((float32x4_t)v), vget_high_f32((float32x4_t)v));
+  return vget_lane_f32(a, 0) + vget_lane_f32(a, 1);
+#else
   float s[W];
   std::memcpy(s, &v, sizeof v);
   for (int w = W / 2; w >= 1; w /= 2)
     for (int i = 0; i < w; ++i) s[i] += s[i + w];
   return s[0];
+#endif
 }
 inline float hmax(vf v) {
   float m = v[0];
