@@ -345,10 +345,16 @@ def main() -> int:
                 print(f"skip {peer}: {servers}", flush=True)
                 continue
             for server in servers:
-                try:
-                    rows[server.name] = run_server(server, args, tmp)
-                except (RuntimeError, httpx.HTTPError) as err:
-                    rows[server.name] = f"failed: {err}"
+                # One more start after a failure (llama-server once dropped a connection mid-run on a quiet
+                # host); the first failure is printed, a second one goes in the table.
+                for attempt in (1, 2):
+                    try:
+                        rows[server.name] = run_server(server, args, tmp)
+                        break
+                    except (RuntimeError, httpx.HTTPError) as err:
+                        rows[server.name] = f"failed: {err}"
+                        if attempt == 1:
+                            print(f"{server.name}: failed ({err}); starting it once more", flush=True)
                 print(f"{server.name}: {rows[server.name] if isinstance(rows[server.name], str) else 'done'}",
                       flush=True)
     report = table(rows, machine, args)
