@@ -83,29 +83,41 @@ def test_gang_without_the_crd_says_so_and_creates_nothing(
     assert_within_rbac(cluster)
 
 
-def node(name: str, gpus: int, zone: str) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "Node",
-            "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}},
-            "spec": {}, "status": {"allocatable": {"nvidia.com/gpu": str(gpus), "cpu": "32"},
-                                   "conditions": [{"type": "Ready", "status": "True",
-                                                   "lastHeartbeatTime": "2026-01-01T00:00:00Z"}]}}
+def register_node(cluster: MockCluster, name: str, gpus: int, zone: str) -> None:
+    """What a kubelet does when it joins: create the Node, then report its status (POST drops status)."""
+    cluster.create("/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "spec": {},
+                                     "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}}})
+    cluster.patch(f"/api/v1/nodes/{name}/status", {"status": {
+        "allocatable": {"nvidia.com/gpu": str(gpus), "cpu": "32"},
+        "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "2026-01-01T00:00:00Z"}]}})
 
 
 def test_schedulable_from_watched_nodes_and_heartbeats_write_nothing(
         cluster: MockCluster, kubelet: Kubelet, tmp_path: Path) -> None:
     for name, gpus, zone in (("gpu-a", 1, "z1"), ("gpu-b", 1, "z2")):
-        cluster.create("/api/v1/nodes", node(name, gpus, zone))
+        register_node(cluster, name, gpus, zone)
     kubelet.nodes = ["gpu-a", "gpu-b"]
     with running_operator(cluster, [NS]):
         path = manifest(tmp_path, replicas=2, placement={"topologyKey": "topology.kubernetes.io/zone"})
         cluster.kubectl("apply", "--validate=false", "-n", NS, "-f", str(path))
-        # The kubelet here binds pods round-robin whatever the affinity says; what counts is the condition.
-        message = wait_for(lambda: cond(cluster, "Schedulable").get("status") == "False"
-                           and cond(cluster, "Schedulable")["message"], "Schedulable=False")
-        assert "needs 2 node(s) with 1 free nvidia.com/gpu in one topology.kubernetes.io/zone" in message
+        # The kubelet here binds pods round-robin where a GPU is free, whatever the affinity says: g0 takes
+        # gpu-a and gpu-b, g1 stays Pending. What counts is the condition.
+        # (Until the operator has seen both of g0's pods bound, the message can say "2 of 2" or "has 1".)
+        wanted = ("1 of 1 waiting group(s) do not fit: needs 2 node(s) with 1 free nvidia.com/gpu in one "
+                  "topology.kubernetes.io/zone; largest free domain has 0 (2 of 2 node(s) eligible)")
+
+        def one_waiting() -> str:
+            schedulable = cond(cluster, "Schedulable")  # one read: status and message of the same write
+            message = str(schedulable.get("message", ""))
+            return message if schedulable.get("status") == "False" and wanted in message else ""
+
+        wait_for(one_waiting, "Schedulable=False, g1 waiting, no free GPU")
         # Capacity arrives: a node in z1 with room for a whole group.
-        cluster.create("/api/v1/nodes", node("gpu-c", 4, "z1"))
-        wait_for(lambda: "more group(s)" in cond(cluster, "Schedulable").get("message", ""), "fit recomputed")
+        register_node(cluster, "gpu-c", 4, "z1")
+        kubelet.nodes.append("gpu-c")  # g1 binds there
+        wait_for(lambda: cond(cluster, "Schedulable").get("status") == "True", "Schedulable=True")
+        assert "more group(s) of 2 pod(s) x 1 nvidia.com/gpu fit in the free capacity now" in \
+            cond(cluster, "Schedulable")["message"]
         wait_for(lambda: phase(cluster) == "Ready", "phase Ready")
 
         def heartbeat() -> None:

@@ -4,6 +4,8 @@ kmock has no controllers. Every tick this makes, through the API like the real o
 StatefulSet ordinal (labels from the template plus apps.kubernetes.io/pod-index, owned by the
 StatefulSet), Running and Ready after `ready_delay` seconds, unless the test asked a StatefulSet
 to crash-loop (its pods restart a container as soon as they run) or to hold (pods never Ready).
+Given `nodes`, it also plays the scheduler: a pod binds to the next of them whose allocatable
+extended resources (GPUs) cover its requests, else stays Pending, unbound, until one frees up.
 It also watches an invariant for rollout tests: the most groups of one LargeModel that were
 unavailable (missing or not all pods Ready) at the same time.
 """
@@ -21,6 +23,17 @@ from largemodel.operator.builders import LABEL_GROUP, LABEL_NAME, POD_INDEX_LABE
 from tests.support.mockcluster import TEST_AGENT, MockCluster, apps_path, core_path
 
 
+def _requests(pod: dict[str, Any]) -> dict[str, int]:
+    """The extended resources (GPUs) a pod's containers request; cpu and memory are not scheduled here."""
+    out: dict[str, int] = {}
+    for container in pod["spec"].get("containers", []):
+        resources = container.get("resources") or {}
+        for resource, value in (resources.get("requests") or resources.get("limits") or {}).items():
+            if "/" in resource:
+                out[resource] = out.get(resource, 0) + int(value)
+    return out
+
+
 class Kubelet:
     """StatefulSet controller + kubelet for the namespaces of a MockCluster."""
 
@@ -32,7 +45,9 @@ class Kubelet:
         self.hold: set[str] = set()  # StatefulSet names whose pods never become Ready
         self.max_unavailable: dict[str, int] = {}  # LargeModel name -> worst seen (while watched)
         self.watch_replicas: dict[str, int] = {}  # LargeModel name -> replicas to check against
-        self.nodes: list[str] = []  # issue 17: bind new pods round-robin to these nodes (scheduler's job)
+        # issue 17: the scheduler's job, binding pods round-robin to these nodes where the GPUs they ask for
+        # are free (affinity is not evaluated); a pod that fits nowhere stays Pending, unbound, until one does.
+        self.nodes: list[str] = []
         self._bound = 0
         self._born: dict[str, float] = {}
         self._stop = threading.Event()
@@ -68,6 +83,8 @@ class Kubelet:
                 pod = pods.get(name)
                 if pod is None:
                     self._create_pod(ns, sts, ordinal)
+                elif self.nodes and not pod["spec"].get("nodeName"):
+                    self._bind(ns, pod, list(pods.values()))
                 elif not pod.get("status"):
                     self._start_pod(ns, sts, pod)
         self._check_unavailable(ns, sets, list(pods.values()))
@@ -81,12 +98,28 @@ class Kubelet:
                 "metadata": {"name": f"{sts['metadata']['name']}-{ordinal}", "labels": labels,
                              "ownerReferences": [owner]},
                 "spec": dict(template["spec"])}
-        if self.nodes:
-            body["spec"]["nodeName"] = self.nodes[self._bound % len(self.nodes)]
-            self._bound += 1
         reply = self._http.post(core_path("pods", ns), json=body)
         if reply.status_code == 201:
             self._born[f"{ns}/{body['metadata']['name']}"] = time.monotonic()
+
+    def _bind(self, ns: str, pod: dict[str, Any], pods: list[dict[str, Any]]) -> None:
+        """Bind `pod` to the next node in `nodes` whose free GPUs cover its request; none: it stays Pending."""
+        nodes = {n["metadata"]["name"]: n for n in self._http.get("/api/v1/nodes").json()["items"]}
+        for _ in range(len(self.nodes)):
+            name = self.nodes[self._bound % len(self.nodes)]
+            self._bound += 1
+            if name not in nodes:
+                continue
+            allocatable = nodes[name].get("status", {}).get("allocatable", {})
+            fits = True
+            for resource, want in _requests(pod).items():
+                used = sum(_requests(p).get(resource, 0) for p in pods if p["spec"].get("nodeName") == name)
+                fits = fits and used + want <= int(allocatable.get(resource, 0))
+            if fits:
+                self._http.patch(core_path("pods", ns, pod["metadata"]["name"]), json={"spec": {"nodeName": name}},
+                                 headers={"Content-Type": "application/merge-patch+json"})
+                pod["spec"]["nodeName"] = name  # later pods of this tick see the GPUs taken
+                return
 
     def _start_pod(self, ns: str, sts: dict[str, Any], pod: dict[str, Any]) -> None:
         name = pod["metadata"]["name"]
