@@ -415,9 +415,13 @@ class Scheduler:
                     if self._stopping and not in_flight:
                         break
                     batches, dropped = ([], []) if self._stopping else planner.plan()
-                    self._update_gauges()
+                    if not dropped:
+                        self._update_gauges()
                 for seq in dropped:
                     self.post.finish(seq, "abort")
+                if dropped:  # gauges after the counter: "idle" never shows before a cancelled request is counted
+                    with self._cond:
+                        self._update_gauges()
                 for batch in batches:
                     if self._launch(batch):
                         in_flight.append(batch.lane)
@@ -439,10 +443,11 @@ class Scheduler:
                 leftovers = list(planner.waiting) + list(planner.running.values())
                 planner.waiting.clear()
                 planner.running.clear()
-                self._update_gauges()
             reason = "error" if self.failure is not None else "abort"
             for seq in leftovers:
                 self.post.finish(seq, reason)
+            with self._cond:
+                self._update_gauges()
             log.info("scheduler.stop aborted=%d", len(leftovers))
 
     def _launch(self, batch: LaneBatch) -> bool:
