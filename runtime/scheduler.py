@@ -415,13 +415,9 @@ class Scheduler:
                     if self._stopping and not in_flight:
                         break
                     batches, dropped = ([], []) if self._stopping else planner.plan()
-                    if not dropped:
-                        self._update_gauges()
-                for seq in dropped:
-                    self.post.finish(seq, "abort")
-                if dropped:  # gauges after the counter: "idle" never shows before a cancelled request is counted
-                    with self._cond:
-                        self._update_gauges()
+                    for seq in dropped:  # counted before the gauges drop: "idle" never hides an uncounted request
+                        self.post.finish(seq, "abort")
+                    self._update_gauges()
                 for batch in batches:
                     if self._launch(batch):
                         in_flight.append(batch.lane)
@@ -439,14 +435,13 @@ class Scheduler:
             if self.on_failure is not None:
                 self.on_failure(exc)
         finally:
+            reason = "error" if self.failure is not None else "abort"
             with self._cond:
                 leftovers = list(planner.waiting) + list(planner.running.values())
                 planner.waiting.clear()
                 planner.running.clear()
-            reason = "error" if self.failure is not None else "abort"
-            for seq in leftovers:
-                self.post.finish(seq, reason)
-            with self._cond:
+                for seq in leftovers:
+                    self.post.finish(seq, reason)
                 self._update_gauges()
             log.info("scheduler.stop aborted=%d", len(leftovers))
 

@@ -75,6 +75,7 @@ class Kubelet:
         """One round of controller and kubelet work in namespace `ns`."""
         sets = self._http.get(apps_path("statefulsets", ns)).json()["items"]
         pods = {p["metadata"]["name"]: p for p in self._http.get(core_path("pods", ns)).json()["items"]}
+        nodes: dict[str, dict[str, Any]] | None = None  # listed once a tick, when a pod waits to be bound
         for sts in sets:
             if sts["metadata"].get("deletionTimestamp"):
                 continue
@@ -84,7 +85,9 @@ class Kubelet:
                 if pod is None:
                     self._create_pod(ns, sts, ordinal)
                 elif self.nodes and not pod["spec"].get("nodeName"):
-                    self._bind(ns, pod, list(pods.values()))
+                    if nodes is None:
+                        nodes = {n["metadata"]["name"]: n for n in self._http.get("/api/v1/nodes").json()["items"]}
+                    self._bind(ns, pod, list(pods.values()), nodes)
                 elif not pod.get("status"):
                     self._start_pod(ns, sts, pod)
         self._check_unavailable(ns, sets, list(pods.values()))
@@ -102,9 +105,8 @@ class Kubelet:
         if reply.status_code == 201:
             self._born[f"{ns}/{body['metadata']['name']}"] = time.monotonic()
 
-    def _bind(self, ns: str, pod: dict[str, Any], pods: list[dict[str, Any]]) -> None:
-        """Bind `pod` to the next node in `nodes` whose free GPUs cover its request; none: it stays Pending."""
-        nodes = {n["metadata"]["name"]: n for n in self._http.get("/api/v1/nodes").json()["items"]}
+    def _bind(self, ns: str, pod: dict[str, Any], pods: list[dict[str, Any]], nodes: dict[str, dict[str, Any]]) -> None:
+        """Bind `pod` to the next of `self.nodes` whose free GPUs cover its request; none: it stays Pending."""
         for _ in range(len(self.nodes)):
             name = self.nodes[self._bound % len(self.nodes)]
             self._bound += 1
