@@ -80,10 +80,26 @@ def events(cluster: MockCluster, name: str = "smollm2") -> list[str]:
             if e.get("involvedObject", {}).get("name") == name]
 
 
+def _writes_quiet(cluster: MockCluster, quiet: float = 1.0, timeout: float = 15.0) -> int:
+    """The operator's write count once it has made none for `quiet` s: what the last transition still owed
+    (kopf posts an Event after the status patch that showed it) lands before counting starts. An operator
+    that keeps writing fails here."""
+    deadline = time.monotonic() + timeout
+    count, since = len(operator_writes(cluster)), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = len(operator_writes(cluster))
+        if now != count:
+            count, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return count
+    raise AssertionError(f"the operator kept writing for {timeout}s ({count} writes so far)")
+
+
 def settle_and_count_writes(cluster: MockCluster, poke: Any, name: str = "smollm2") -> int:
-    """Poke the operator (so it runs passes) and count its writes meanwhile."""
+    """Once the operator's writes are quiet, poke it (so it runs passes) and count its writes meanwhile."""
+    writes_before = _writes_quiet(cluster)
     reads_before = sum(1 for r in operator_requests(cluster) if r.name == name and str(r.method.value) == "GET")
-    writes_before = len(operator_writes(cluster))
     for _ in range(3):
         poke()
         time.sleep(0.3)
